@@ -1,0 +1,5 @@
+import sys
+
+from carclf.cli import main
+
+sys.exit(main())

@@ -1,0 +1,228 @@
+"""Typed configuration: defaults, then a YAML recipe, then ``key.sub=value`` overrides (in that order).
+
+Unknown keys fail loudly with a suggestion, so a typo never silently trains the wrong recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from carclf.errors import CarclfError
+
+
+@dataclass
+class DataConfig:
+    root: str = ""  # competition layout: train/<class>/*.jpg, test/, test.csv, sample_submission.csv
+    n_folds: int = 5  # stratified K-fold; saved once per data set and reused by every run
+    fold_seed: int = 42  # seed of the split (separate from the training seed so runs share folds)
+    img_size: int = 0  # 0: the backbone's own default input size
+    crop_pct: float = 0.0  # 0: the backbone's own default eval crop fraction
+    batch_size: int = 32
+    num_workers: int = 2  # DataLoader workers; 0 decodes in the training process
+    draft_factor: float = 2.0  # JPEGs larger than this many times the input size are decoded at reduced scale
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tf_efficientnet_lite0"  # any timm model name
+    pretrained: bool = True
+    weights: str = ""  # a local checkpoint file; overrides every other source of pretrained weights
+    drop_rate: float = 0.2  # dropout before the classifier
+    drop_path_rate: float = 0.1  # stochastic depth
+
+
+@dataclass
+class AugConfig:
+    scale_min: float = 0.35  # RandomResizedCrop lower area bound
+    hflip: float = 0.5
+    auto_augment: str = "rand-m7-mstd0.5-inc1"  # timm RandAugment spec; "" disables
+    re_prob: float = 0.0  # RandomErasing (Cutout) probability
+    mixup: float = 0.0  # mixup alpha; 0 disables
+    cutmix: float = 0.0  # cutmix alpha; 0 disables
+
+
+@dataclass
+class TrainConfig:
+    folds: str = "0"  # "0", "0,2" or "all"
+    epochs: int = 10
+    lr: float = 1e-3  # peak learning rate for batch_size 32 (scaled linearly with the batch)
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    min_lr: float = 1e-6
+    label_smoothing: float = 0.1
+    ema: bool = True  # evaluate and keep an exponential moving average of the weights
+    ema_decay: float = 0.998
+    patience: int = 0  # early stopping after this many epochs without a better val log loss; 0 disables
+    grad_clip: float = 1.0  # max gradient norm; 0 disables
+    amp: str = "auto"  # auto | bf16 | fp16 | off  (only used on CUDA)
+    channels_last: bool = True
+    device: str = "auto"  # auto | cpu | cuda | cuda:1
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads on CPU; 0 leaves torch's default
+
+
+@dataclass
+class PredictConfig:
+    tta_hflip: bool = True  # average logits over the photo and its mirror image
+    eps: float = 1e-6  # probabilities are clipped to [eps, 1-eps] and renormalised
+    batch_size: int = 64
+
+
+@dataclass
+class Config:
+    name: str = "run"  # runs/<name>/
+    out_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _suggest(key: str, choices: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
+    if close:
+        return f" Did you mean '{prefix}{close[0]}'?"
+    return f" Valid keys: {', '.join(prefix + c for c in sorted(choices))}."
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Check a value against a dataclass field type; ints become floats where a float is expected."""
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is str and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)  # e.g. train.folds=0 parsed by YAML as an int
+    if typ in (int, float, str, bool) and not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise CarclfError(f"config key '{key}' must be {typ.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _merge(obj: Any, updates: dict[str, Any], prefix: str, source: str) -> None:
+    if not isinstance(updates, dict):
+        raise CarclfError(f"{source}: '{prefix.rstrip('.') or 'top level'}' must be a mapping, got {updates!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in updates.items():
+        full = prefix + str(key)
+        if key not in names:
+            raise CarclfError(f"{source}: unknown config key '{full}'." + _suggest(str(key), names, prefix))
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, full + ".", source)
+        else:
+            setattr(obj, key, _coerce(value, hints[key], full))
+
+
+def _nest(dotted: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    node = out
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``train.lr=3e-4`` -> ("train.lr", 0.0003); values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise CarclfError(f"override '{text}' must look like key.sub=value (e.g. train.epochs=5)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads 3e-4 as a string; users mean a number
+            value = float(value)
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a Config from defaults, an optional YAML recipe and ``key.sub=value`` overrides."""
+    cfg = Config()
+    if recipe:
+        path = Path(recipe)
+        if not path.is_file():
+            raise CarclfError(f"recipe '{path}' not found (see configs/ for the shipped recipes)")
+        try:
+            doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise CarclfError(f"recipe '{path}' is not valid YAML: {exc}") from exc
+        _merge(cfg, doc, "", str(path))
+    for text in overrides:
+        key, value = parse_override(text)
+        _merge(cfg, _nest(key, value), "", "command line")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(doc: dict[str, Any], source: str = "config") -> Config:
+    cfg = Config()
+    _merge(cfg, doc, "", source)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that a type check cannot express."""
+    checks = [
+        (cfg.data.n_folds >= 2, "data.n_folds must be at least 2"),
+        (cfg.data.batch_size >= 1, "data.batch_size must be at least 1"),
+        (cfg.data.num_workers >= 0, "data.num_workers must be 0 or more"),
+        (cfg.data.img_size >= 0, "data.img_size must be 0 (backbone default) or a size in pixels"),
+        (0 <= cfg.data.crop_pct <= 1, "data.crop_pct must be in [0, 1]"),
+        (0 < cfg.aug.scale_min <= 1, "aug.scale_min must be in (0, 1]"),
+        (cfg.train.epochs >= 1, "train.epochs must be at least 1"),
+        (cfg.train.lr > 0, "train.lr must be positive"),
+        (0 <= cfg.train.label_smoothing < 1, "train.label_smoothing must be in [0, 1)"),
+        (0 < cfg.train.ema_decay < 1, "train.ema_decay must be in (0, 1)"),
+        (cfg.train.amp in {"auto", "bf16", "fp16", "off"}, "train.amp must be one of auto, bf16, fp16, off"),
+        (0 < cfg.predict.eps < 0.01, "predict.eps must be in (0, 0.01)"),
+        (bool(cfg.name) and "/" not in cfg.name, "name must be a non-empty folder name without '/'"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise CarclfError(message)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    from carclf.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
+
+
+def read_config(path: Path) -> Config:
+    if not path.is_file():
+        raise CarclfError(f"'{path}' not found: is this a carclf run directory?")
+    return config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, str(path))
+
+
+__all__ = [
+    "AugConfig",
+    "Config",
+    "DataConfig",
+    "ModelConfig",
+    "PredictConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "load_config",
+    "parse_override",
+    "read_config",
+    "save_config",
+]

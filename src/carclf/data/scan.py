@@ -1,0 +1,127 @@
+"""Reading the competition layout: class folders, test.csv and sample_submission.csv.
+
+Class names are NFC-normalised (macOS zips deliver NFD Hangul, which looks identical but compares unequal).
+"""
+
+from __future__ import annotations
+
+import csv
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from carclf.errors import CarclfError
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def nfc(text: str) -> str:
+    return unicodedata.normalize("NFC", text)
+
+
+@dataclass
+class TrainSet:
+    root: Path
+    classes: list[str]  # NFC names, sorted
+    paths: list[Path]  # absolute paths, sorted by (class, file name)
+    labels: list[int]
+    folder_names: dict[str, str] = field(default_factory=dict)  # NFC name -> folder name on disk
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def relpaths(self) -> list[str]:
+        return [nfc(p.relative_to(self.root).as_posix()) for p in self.paths]
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTS and not path.name.startswith(".")
+
+
+def scan_train(data_root: Path | str) -> TrainSet:
+    """List ``DATA/train/<class>/*`` images; raise a clear error for a missing, empty or ambiguous layout."""
+    root = Path(data_root)
+    train = root / "train"
+    if not root.is_dir():
+        raise CarclfError(f"data root '{root}' does not exist (set data.root=PATH to the competition folder)")
+    if not train.is_dir():
+        raise CarclfError(f"'{train}' not found: carclf expects DATA/train/<class name>/*.jpg")
+    folders = sorted(p for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise CarclfError(f"'{train}' has no class folders: put each class's photos in train/<class name>/")
+    by_name: dict[str, Path] = {}
+    for folder in folders:
+        name = nfc(folder.name)
+        if name in by_name:
+            raise CarclfError(
+                f"class folders '{by_name[name]}' and '{folder}' are the same name in different Unicode forms: "
+                "merge them into one folder"
+            )
+        by_name[name] = folder
+    empty = [str(f) for f in by_name.values() if not any(_is_image(p) for p in f.iterdir())]
+    if empty:
+        raise CarclfError(
+            f"{len(empty)} class folder(s) hold no images ({', '.join(sorted(IMAGE_EXTS))}): "
+            + "; ".join(empty[:5])
+            + ". Add photos or remove the folder."
+        )
+    classes = sorted(by_name)
+    paths: list[Path] = []
+    labels: list[int] = []
+    for idx, name in enumerate(classes):
+        files = sorted((p for p in by_name[name].iterdir() if p.is_file() and _is_image(p)), key=lambda p: p.name)
+        paths.extend(p.resolve() if not p.is_symlink() else p.absolute() for p in files)
+        labels.extend([idx] * len(files))
+    return TrainSet(
+        root=train.resolve(), classes=classes, paths=paths, labels=labels,
+        folder_names={n: f.name for n, f in by_name.items()},
+    )
+
+
+def read_csv_rows(path: Path) -> tuple[list[str], list[list[str]]]:
+    """Read a CSV with header; accepts UTF-8 with or without BOM, and CP949 (Korean Windows) as a fallback."""
+    if not path.is_file():
+        raise CarclfError(f"'{path}' not found")
+    raw = path.read_bytes()
+    for enc in ("utf-8-sig", "cp949"):
+        try:
+            text = raw.decode(enc)
+            break
+        except UnicodeDecodeError:
+            continue
+    else:
+        raise CarclfError(f"'{path}' is neither UTF-8 nor CP949 text: re-save it as UTF-8")
+    rows = list(csv.reader(text.splitlines()))
+    if not rows:
+        raise CarclfError(f"'{path}' is empty: it needs a header row")
+    return [nfc(h.strip()) for h in rows[0]], [r for r in rows[1:] if r]
+
+
+@dataclass
+class TestSet:
+    ids: list[str]
+    paths: list[Path]
+
+
+def scan_test(data_root: Path | str, csv_name: str = "test.csv") -> TestSet:
+    """Read ``test.csv`` (``ID,img_path``); image paths are relative to the data root."""
+    root = Path(data_root)
+    header, rows = read_csv_rows(root / csv_name)
+    for col in ("ID", "img_path"):
+        if col not in header:
+            raise CarclfError(f"'{root / csv_name}' has no '{col}' column (found: {', '.join(header)})")
+    i_id, i_path = header.index("ID"), header.index("img_path")
+    ids = [r[i_id] for r in rows]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise CarclfError(f"'{root / csv_name}' repeats IDs: {', '.join(dup)}")
+    paths = [(root / r[i_path]).resolve() for r in rows]
+    return TestSet(ids=ids, paths=paths)
+
+
+def read_sample_columns(path: Path) -> list[str]:
+    """Class columns of ``sample_submission.csv`` in the file's own order (NFC)."""
+    header, _ = read_csv_rows(path)
+    if not header or header[0] != "ID":
+        raise CarclfError(f"'{path}' must start with an 'ID' column (found: {', '.join(header[:3])})")
+    return header[1:]

@@ -1,0 +1,88 @@
+"""Stratified K-fold splits, saved once per data set and reused by every later run on the same data."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import StratifiedKFold
+
+from carclf.data.scan import TrainSet
+from carclf.errors import CarclfError
+from carclf.io import atomic_write_text
+
+
+def data_fingerprint(relpaths: list[str], labels: list[int]) -> str:
+    h = hashlib.sha1()
+    for rel, lab in zip(relpaths, labels, strict=True):
+        h.update(f"{rel}\t{lab}\n".encode())
+    return h.hexdigest()[:10]
+
+
+def check_fold_counts(classes: list[str], labels: list[int], n_folds: int) -> None:
+    counts = np.bincount(np.asarray(labels), minlength=len(classes))
+    small = [(classes[i], int(c)) for i, c in enumerate(counts) if c < n_folds]
+    if small:
+        listed = ", ".join(f"'{n}' ({c})" for n, c in small[:5])
+        raise CarclfError(
+            f"{len(small)} class(es) have fewer images than the {n_folds} folds: {listed}. "
+            f"Use fewer folds (data.n_folds={max(2, min(c for _, c in small))}), add photos, "
+            "or merge the class with the model it duplicates."
+        )
+
+
+def stratified_folds(labels: list[int], n_folds: int, seed: int) -> np.ndarray:
+    """Fold index per sample; scikit-learn's StratifiedKFold, shuffled with ``seed``."""
+    y = np.asarray(labels)
+    folds = np.full(len(y), -1, dtype=np.int64)
+    skf = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    for k, (_, val_idx) in enumerate(skf.split(np.zeros(len(y)), y)):
+        folds[val_idx] = k
+    return folds
+
+
+def folds_path(prepare_dir: Path, trainset: TrainSet, n_folds: int, seed: int) -> Path:
+    fp = data_fingerprint(trainset.relpaths(), trainset.labels)
+    return prepare_dir / f"folds-k{n_folds}-s{seed}-{fp}.csv"
+
+
+def load_or_make_folds(trainset: TrainSet, n_folds: int, seed: int, prepare_dir: Path) -> tuple[np.ndarray, Path]:
+    """Return the fold of every training image, reading the saved split when the same data was split before.
+
+    The file name carries a fingerprint of (path, class) pairs: added, removed or relabelled photos get a new
+    split instead of silently reusing one that no longer matches.
+    """
+    check_fold_counts(trainset.classes, trainset.labels, n_folds)
+    path = folds_path(prepare_dir, trainset, n_folds, seed)
+    rel = trainset.relpaths()
+    if path.is_file():
+        with path.open(encoding="utf-8", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        by_path = {r["path"]: int(r["fold"]) for r in rows}
+        if set(by_path) == set(rel):
+            return np.array([by_path[r] for r in rel], dtype=np.int64), path
+    folds = stratified_folds(trainset.labels, n_folds, seed)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "class", "fold"])
+    for r, lab, f in zip(rel, trainset.labels, folds, strict=True):
+        w.writerow([r, trainset.classes[lab], int(f)])
+    atomic_write_text(path, buf.getvalue())
+    return folds, path
+
+
+def parse_folds(spec: str, n_folds: int) -> list[int]:
+    """``"all"`` -> every fold; ``"0,2"`` -> [0, 2]."""
+    if str(spec).strip().lower() == "all":
+        return list(range(n_folds))
+    try:
+        chosen = sorted({int(s) for s in str(spec).split(",") if s.strip()})
+    except ValueError as exc:
+        raise CarclfError(f"train.folds='{spec}' must be 'all' or fold numbers such as 0 or 0,2") from exc
+    bad = [k for k in chosen if not 0 <= k < n_folds]
+    if bad or not chosen:
+        raise CarclfError(f"train.folds='{spec}': folds are numbered 0..{n_folds - 1} (data.n_folds={n_folds})")
+    return chosen

@@ -1,0 +1,45 @@
+"""Forward passes over a loader, shared by validation, out-of-fold logits and the Predictor."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from carclf.train.runtime import autocast
+
+
+@torch.inference_mode()
+def infer_logits(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    tta_hflip: bool = False,
+    amp: torch.dtype | None = None,
+    channels_last: bool = False,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return (logits, dataset indices, ok mask). With ``tta_hflip`` the logits of each photo and its mirror image
+    are averaged (in logit space, so temperature scaling fitted on these logits applies unchanged)."""
+    model.eval()
+    out, idx, oks = [], [], []
+    batches = loader
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(loader, desc="predict", leave=False, dynamic_ncols=True)
+    for x, _, i, ok in batches:
+        x = x.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp):
+            logits = model(x).float()
+            if tta_hflip:
+                logits = (logits + model(torch.flip(x, dims=[3])).float()) / 2
+        out.append(logits.cpu())
+        idx.append(i)
+        oks.append(ok)
+    if not out:
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, bool)
+    return torch.cat(out).numpy(), torch.cat(idx).numpy(), torch.cat(oks).numpy().astype(bool)

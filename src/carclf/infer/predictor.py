@@ -1,0 +1,88 @@
+"""``Predictor``: the one way to turn images into calibrated probabilities. predict, serve and export use it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from carclf.analyze.metrics import softmax
+from carclf.calibrate.temperature import read_temperature
+from carclf.config import read_config
+from carclf.data.dataset import ImageDataset
+from carclf.data.transforms import data_config_for, eval_transform
+from carclf.errors import CarclfError
+from carclf.infer.engine import infer_logits
+from carclf.models.factory import create_model
+from carclf.train.runtime import amp_dtype, select_device
+
+
+class Predictor:
+    """Every trained fold of a run, its temperature, and the run's eval preprocessing.
+
+    Per fold: logits (averaged over the photo and its mirror when ``predict.tta_hflip``) / T -> softmax; the folds'
+    probabilities are averaged.
+    """
+
+    def __init__(self, run_dir: Path | str, device: str = "auto", folds: list[int] | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.cfg = read_config(self.run_dir / "config.yaml")
+        meta = self.run_dir / "run.json"
+        if not meta.is_file():
+            raise CarclfError(f"'{meta}' not found: '{self.run_dir}' was never trained")
+        self.classes: list[str] = json.loads(meta.read_text(encoding="utf-8"))["classes"]
+        self.device = select_device(device)
+        dirs = sorted(self.run_dir.glob("fold*/best.pt"), key=lambda p: int(p.parent.name[4:]))
+        if folds is not None:
+            dirs = [d for d in dirs if int(d.parent.name[4:]) in folds]
+        if not dirs:
+            raise CarclfError(f"'{self.run_dir}' has no trained fold (fold*/best.pt): run carclf train first")
+        self.folds = [int(d.parent.name[4:]) for d in dirs]
+        self.temperatures = [read_temperature(d.parent) for d in dirs]
+        self.models = []
+        for d in dirs:
+            model = create_model(self.cfg.model, len(self.classes), pretrained=False)
+            model.load_state_dict(torch.load(d, map_location="cpu", weights_only=False)["model"])
+            self.models.append(model.to(self.device).eval())
+        self.data_config = data_config_for(self.cfg)
+        self.transform = eval_transform(self.data_config)
+        self.amp = amp_dtype(self.cfg.train.amp, self.device)
+
+    @property
+    def calibrated(self) -> bool:
+        return any(t != 1.0 for t in self.temperatures)
+
+    def _probs(self, loader: DataLoader, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+        total, ok = None, None
+        for model, t in zip(self.models, self.temperatures, strict=True):
+            logits, order, ok_f = infer_logits(
+                model, loader, self.device, tta_hflip=self.cfg.predict.tta_hflip, amp=self.amp, progress=progress
+            )
+            p = softmax(logits[np.argsort(order)], t)
+            total = p if total is None else total + p
+            ok = ok_f[np.argsort(order)]
+        return total / len(self.models), ok
+
+    def predict_paths(self, paths: list[Path], progress: bool = False, num_workers: int | None = None):
+        """Probabilities (rows = paths, columns = ``self.classes``) and the list of photos that failed to decode.
+
+        A failed photo gets the mean prediction of the others (the class prior the model sees), never a crash."""
+        size = self.data_config["input_size"][-1]
+        ds = ImageDataset(paths, None, self.transform, size, self.cfg.data.draft_factor)
+        workers = self.cfg.data.num_workers if num_workers is None else num_workers
+        loader = DataLoader(ds, batch_size=self.cfg.predict.batch_size, num_workers=workers)
+        probs, ok = self._probs(loader, progress)
+        bad = [str(paths[i]) for i in np.where(~ok)[0]]
+        if bad:
+            prior = probs[ok].mean(axis=0) if ok.any() else np.full(len(self.classes), 1 / len(self.classes))
+            probs[~ok] = prior
+        return probs, bad
+
+    def predict_images(self, images: list) -> np.ndarray:
+        """Probabilities for PIL images already in memory (the serving path)."""
+        x = torch.stack([self.transform(img.convert("RGB")) for img in images])
+        loader = [(x, torch.zeros(len(x)), torch.arange(len(x)), torch.ones(len(x), dtype=torch.bool))]
+        return self._probs(loader, progress=False)[0]

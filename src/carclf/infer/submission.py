@@ -1,0 +1,68 @@
+"""The submission file: columns exactly those of sample_submission.csv, rows exactly test.csv's IDs."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+
+from carclf.data.scan import nfc
+from carclf.errors import CarclfError
+from carclf.io import atomic_write_text
+
+
+def align_columns(probs: np.ndarray, classes: list[str], columns: list[str], source: str = "sample_submission.csv"):
+    """Reorder ``probs`` (columns = ``classes``) into ``columns``, matching by NFC name; name any mismatch."""
+    own = {nfc(c): i for i, c in enumerate(classes)}
+    cols = [nfc(c) for c in columns]
+    missing = [c for c in cols if c not in own]
+    extra = [c for c in own if c not in set(cols)]
+    if missing or extra:
+        raise CarclfError(
+            f"{source} does not match the trained classes: "
+            f"{len(missing)} column(s) the model does not know ({', '.join(missing[:5]) or '-'}), "
+            f"{len(extra)} trained class(es) with no column ({', '.join(extra[:5]) or '-'}). "
+            "Train on the same class folders as the submission, or fix the sample file."
+        )
+    return probs[:, [own[c] for c in cols]]
+
+
+def finalize(probs: np.ndarray, eps: float) -> np.ndarray:
+    """Clip to [eps, 1-eps] and renormalise; refuse NaN/inf rather than write a file the scorer rejects."""
+    if not np.isfinite(probs).all():
+        raise CarclfError("predictions contain NaN or infinity: the model or its calibration is broken")
+    p = np.clip(probs.astype(np.float64), eps, 1 - eps)
+    p /= p.sum(axis=1, keepdims=True)
+    return p
+
+
+def validate(p: np.ndarray, n_rows: int, n_cols: int) -> None:
+    if p.shape != (n_rows, n_cols):
+        raise CarclfError(f"submission has shape {p.shape}, expected ({n_rows}, {n_cols})")
+    if not np.isfinite(p).all() or (p < 0).any() or (p > 1).any():
+        raise CarclfError("submission has values outside [0, 1]")
+    if not np.allclose(p.sum(axis=1), 1.0, atol=1e-6):
+        raise CarclfError("submission rows do not sum to 1")
+
+
+def write_submission(
+    path: Path | str, ids: list[str], probs: np.ndarray, classes: list[str], columns: list[str], eps: float = 1e-6,
+    overwrite: bool = False,
+) -> Path:
+    """Validate and atomically write ``ID,<columns...>``; refuse to replace an existing file unless asked."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise CarclfError(f"'{path}' already exists: pass --overwrite to replace it or choose another -o")
+    if len(ids) != len(probs):
+        raise CarclfError(f"{len(ids)} test IDs but {len(probs)} predictions")
+    p = finalize(align_columns(probs, classes, columns), eps)
+    validate(p, len(ids), len(columns))
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["ID", *columns])
+    for i, row in zip(ids, p, strict=True):
+        w.writerow([i, *(f"{v:.8g}" for v in row)])
+    atomic_write_text(path, buf.getvalue())
+    return path

@@ -1,0 +1,411 @@
+"""Training: ``train(cfg)`` splits the data once, then trains each requested fold into ``runs/<name>/fold<k>/``.
+
+Each epoch is a pure function of (state at its start, seed, epoch), so ``--resume`` from ``last.pt`` reproduces
+an uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from carclf.analyze.metrics import score, softmax
+from carclf.config import Config, read_config, save_config
+from carclf.data.dataset import ImageDataset
+from carclf.data.imageio import check_images
+from carclf.data.scan import TrainSet, scan_train
+from carclf.data.splits import load_or_make_folds, parse_folds
+from carclf.data.transforms import data_config_for, eval_transform, train_transform
+from carclf.errors import CarclfError
+from carclf.infer.engine import infer_logits
+from carclf.io import atomic_savez, atomic_torch_save, atomic_write_text
+from carclf.models.factory import create_model
+from carclf.train.runtime import amp_dtype, autocast, seed_everything, select_device
+
+METRIC_FIELDS = [
+    "epoch", "train_loss", "val_log_loss", "val_accuracy", "val_top5", "lr", "images_per_s", "data_wait", "seconds",
+]
+# Keys a resumed run may change; anything else must match the run it continues.
+RESUMABLE_KEYS = {("train", "folds")}
+
+
+def prepare_dir(cfg: Config) -> Path:
+    """Data-level artefacts (folds, decode checks) shared by every run on the same data."""
+    return Path(cfg.out_dir) / "prepare" / Path(cfg.data.root).resolve().name
+
+
+def _config_diff(a: dict, b: dict, prefix: tuple = ()) -> list[str]:
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            diffs += _config_diff(va, vb, (*prefix, key))
+        elif va != vb and (*prefix, key) not in RESUMABLE_KEYS:
+            diffs.append(f"{'.'.join((*prefix, key))}: {va!r} -> {vb!r}")
+    return diffs
+
+
+def open_run_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
+    """Create the run directory; refuse to touch an existing one unless asked to resume or overwrite."""
+    run_dir = cfg.run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if overwrite:
+            shutil.rmtree(run_dir)
+        elif resume:
+            saved = read_config(run_dir / "config.yaml")
+            diffs = _config_diff(saved.to_dict(), cfg.to_dict())
+            if diffs:
+                raise CarclfError(
+                    f"--resume: the config differs from the one '{run_dir}' was started with: {'; '.join(diffs)}. "
+                    "Resume with the same recipe and overrides, or start a new run name."
+                )
+        else:
+            raise CarclfError(
+                f"run directory '{run_dir}' already exists: pass --resume to continue it, --overwrite to replace it, "
+                "or choose another name=..."
+            )
+    elif resume:
+        raise CarclfError(f"--resume: '{run_dir}' does not exist yet; run without --resume to start it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    return run_dir
+
+
+@dataclass
+class RunData:
+    """Everything a fold needs to know about the data, computed once per ``train`` call."""
+
+    trainset: TrainSet
+    folds: np.ndarray
+    bad: dict[str, str] = field(default_factory=dict)  # path -> reason for photos left out of training
+
+    def split(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        good = np.array([str(p) not in self.bad for p in self.trainset.paths])
+        return np.where(good & (self.folds != k))[0], np.where(good & (self.folds == k))[0]
+
+
+def load_run_data(cfg: Config, run_dir: Path | None = None) -> RunData:
+    trainset = scan_train(cfg.data.root)
+    pdir = prepare_dir(cfg)
+    bad = check_images(trainset.paths, cache_file=pdir / "decode-check.json")
+    folds, folds_file = load_or_make_folds(trainset, cfg.data.n_folds, cfg.data.fold_seed, pdir)
+    if run_dir is not None:
+        meta = {
+            "classes": trainset.classes,
+            "data_root": str(Path(cfg.data.root).resolve()),
+            "folds_file": str(folds_file.resolve()),
+            "n_images": len(trainset),
+            "skipped": len(bad),
+        }
+        atomic_write_text(run_dir / "run.json", json.dumps(meta, ensure_ascii=False, indent=1))
+        shutil.copyfile(folds_file, run_dir / "folds.csv")
+        write_skipped(run_dir / "skipped.csv", bad)
+    return RunData(trainset, folds, bad)
+
+
+def write_skipped(path: Path, bad: dict[str, str]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "reason"])
+    for p, reason in sorted(bad.items()):
+        w.writerow([p, reason])
+    atomic_write_text(path, buf.getvalue())
+
+
+def train(
+    cfg: Config,
+    resume: bool = False,
+    overwrite: bool = False,
+    on_epoch_end: Callable[[int, int, dict], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Train the folds ``cfg.train.folds`` into ``runs/<name>/``; return the run directory."""
+    if not cfg.data.root:
+        raise CarclfError("data.root is not set: pass data.root=PATH/TO/DATA (the folder holding train/)")
+    run_dir = open_run_dir(cfg, resume, overwrite)
+    data = load_run_data(cfg, run_dir)
+    if data.bad:
+        log(f"skipping {len(data.bad)} unreadable image(s), listed in {run_dir / 'skipped.csv'}:")
+        for p, reason in list(data.bad.items())[:10]:
+            log(f"  {p}: {reason}")
+    for k in parse_folds(cfg.train.folds, cfg.data.n_folds):
+        fold_dir = run_dir / f"fold{k}"
+        if (fold_dir / "oof.npz").is_file():
+            log(f"fold {k}: already complete, skipping")
+            continue
+        train_fold(cfg, k, data, fold_dir, on_epoch_end=on_epoch_end, log=log)
+    return run_dir
+
+
+def _loader(ds: ImageDataset, cfg: Config, shuffle: bool, seed: int, batch_size: int | None = None) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    workers = cfg.data.num_workers
+    return DataLoader(
+        ds,
+        batch_size=batch_size or cfg.data.batch_size,
+        shuffle=shuffle,
+        drop_last=shuffle and len(ds) > (batch_size or cfg.data.batch_size),
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        generator=gen,
+        # Workers are re-created each epoch and seeded from `gen`, so augmentation is reproducible on resume.
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+    )
+
+
+def build_fold(cfg: Config, n_classes: int, steps_per_epoch: int, device: torch.device) -> dict:
+    """Model, EMA, optimizer, scheduler, scaler and loss for one fold."""
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import CosineLRScheduler
+    from timm.utils import ModelEmaV3
+
+    t = cfg.train
+    model = create_model(cfg.model, n_classes).to(device)
+    if t.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    lr = t.lr * cfg.data.batch_size / 32
+    optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=t.weight_decay)
+    total = t.epochs * steps_per_epoch
+    scheduler = CosineLRScheduler(
+        optimizer,
+        t_initial=total,
+        lr_min=t.min_lr,
+        warmup_t=int(t.warmup_epochs * steps_per_epoch),
+        warmup_lr_init=lr * 0.01,
+        t_in_epochs=False,
+    )
+    ema = ModelEmaV3(model, decay=t.ema_decay, use_warmup=True) if t.ema else None
+    dtype = amp_dtype(t.amp, device)
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    if cfg.aug.mixup > 0 or cfg.aug.cutmix > 0:
+        from timm.data import Mixup
+        from timm.loss import SoftTargetCrossEntropy
+
+        mixup = Mixup(
+            mixup_alpha=cfg.aug.mixup, cutmix_alpha=cfg.aug.cutmix, label_smoothing=t.label_smoothing,
+            num_classes=n_classes,
+        )
+        criterion: nn.Module = SoftTargetCrossEntropy()
+    else:
+        mixup = None
+        criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+    return {
+        "model": model, "ema": ema, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler,
+        "criterion": criterion, "mixup": mixup, "amp": dtype,
+    }
+
+
+def _eval_model(parts: dict) -> nn.Module:
+    return parts["ema"].module if parts["ema"] is not None else parts["model"]
+
+
+def train_one_epoch(parts: dict, loader: DataLoader, cfg: Config, device: torch.device, step: int, desc: str):
+    """One pass over ``loader``; returns (mean loss, updates done, bad indices, seconds, seconds waiting for data)."""
+    from tqdm.auto import tqdm
+
+    model, optimizer, scheduler = parts["model"], parts["optimizer"], parts["scheduler"]
+    ema, scaler, criterion, mixup = parts["ema"], parts["scaler"], parts["criterion"], parts["mixup"]
+    cl = cfg.train.channels_last and device.type == "cuda"
+    model.train()
+    total, count, bad = 0.0, 0, []
+    wait = 0.0
+    start = tick = time.perf_counter()
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0)
+    for x, y, idx, ok in bar:
+        wait += time.perf_counter() - tick
+        bad.extend(idx[~ok].tolist())
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if mixup is not None:
+            if len(x) % 2:  # timm's Mixup pairs samples and needs an even batch
+                x, y = x[:-1], y[:-1]
+            x, y = mixup(x, y)
+        with autocast(device, parts["amp"]):
+            loss = criterion(model(x), y)
+        if not torch.isfinite(loss):
+            raise CarclfError(f"training diverged (loss {loss.item()}) at update {step}: lower train.lr")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if cfg.train.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        step += 1
+        scheduler.step_update(step)
+        if ema is not None:
+            ema.update(model, step=step)
+        total += loss.item() * len(x)
+        count += len(x)
+        bar.set_postfix(loss=f"{total / count:.3f}", refresh=False)
+        tick = time.perf_counter()
+    return total / max(count, 1), step, bad, time.perf_counter() - start, wait
+
+
+def _state(parts: dict, epoch: int, step: int, best: dict, history: list, bad: list, cfg: Config) -> dict:
+    return {
+        "model": parts["model"].state_dict(),
+        "ema": parts["ema"].state_dict() if parts["ema"] is not None else None,
+        "optimizer": parts["optimizer"].state_dict(),
+        "scheduler": parts["scheduler"].state_dict(),
+        "scaler": parts["scaler"].state_dict() if parts["scaler"] is not None else None,
+        "epoch": epoch,
+        "step": step,
+        "best": best,
+        "history": history,
+        "bad": bad,
+        "config": cfg.to_dict(),
+    }
+
+
+def _write_metrics(path: Path, history: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, lineterminator="\n")
+    w.writeheader()
+    for row in history:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write_text(path, buf.getvalue())
+
+
+def train_fold(
+    cfg: Config,
+    k: int,
+    data: RunData,
+    fold_dir: Path,
+    on_epoch_end: Callable[[int, int, dict], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Train fold ``k``; write metrics.csv, best.pt, last.pt and oof.npz into ``fold_dir``."""
+    t = cfg.train
+    device = select_device(t.device)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    ts = data.trainset
+    tr_idx, va_idx = data.split(k)
+    if len(va_idx) == 0 or len(tr_idx) == 0:
+        raise CarclfError(f"fold {k} has no training or no validation images after skipping unreadable ones")
+    dcfg = data_config_for(cfg)
+    size = dcfg["input_size"][-1]
+    paths, labels = np.array(ts.paths, dtype=object), np.array(ts.labels)
+    train_ds = ImageDataset(
+        paths[tr_idx], labels[tr_idx], train_transform(dcfg, cfg.aug), size, cfg.data.draft_factor, substitute=True
+    )
+    val_ds = ImageDataset(paths[va_idx], labels[va_idx], eval_transform(dcfg), size, cfg.data.draft_factor)
+    bs = min(cfg.data.batch_size, len(train_ds))
+    steps = len(train_ds) // bs if len(train_ds) > bs else 1
+    seed_everything(t.seed * 1000 + k)
+    parts = build_fold(cfg, len(ts.classes), steps, device)
+    cl = t.channels_last and device.type == "cuda"
+    start_epoch, step, history, bad = 0, 0, [], []
+    best = {"val_log_loss": math.inf, "epoch": -1}
+    last = fold_dir / "last.pt"
+    if last.is_file():
+        state = torch.load(last, map_location=device, weights_only=False)
+        parts["model"].load_state_dict(state["model"])
+        if parts["ema"] is not None:
+            parts["ema"].load_state_dict(state["ema"])
+        parts["optimizer"].load_state_dict(state["optimizer"])
+        parts["scheduler"].load_state_dict(state["scheduler"])
+        if parts["scaler"] is not None and state["scaler"]:
+            parts["scaler"].load_state_dict(state["scaler"])
+        start_epoch, step, best, history, bad = (
+            state["epoch"] + 1, state["step"], state["best"], state["history"], state["bad"]
+        )
+        log(f"fold {k}: resuming after epoch {state['epoch']}")
+    log(
+        f"fold {k}: {len(tr_idx)} train / {len(va_idx)} val images, {len(ts.classes)} classes, "
+        f"{cfg.model.name} @ {size}px on {device}"
+    )
+    since_best = sum(1 for _ in range(best["epoch"] + 1, start_epoch))
+    val_labels = labels[va_idx]
+    for epoch in range(start_epoch, t.epochs):
+        epoch_seed = t.seed * 1_000_003 + k * 1009 + epoch
+        seed_everything(epoch_seed)
+        loader = _loader(train_ds, cfg, shuffle=True, seed=epoch_seed, batch_size=bs)
+        loss, step, new_bad, secs, wait = train_one_epoch(
+            parts, loader, cfg, device, step, desc=f"fold {k} epoch {epoch + 1}/{t.epochs}"
+        )
+        bad.extend(int(tr_idx[i]) for i in new_bad)
+        logits, _, _ = infer_logits(
+            _eval_model(parts), _loader(val_ds, cfg, False, 0, cfg.predict.batch_size), device,
+            amp=parts["amp"], channels_last=cl,
+        )
+        s = score(softmax(logits), val_labels)
+        row = {
+            "epoch": epoch, "train_loss": loss, "val_log_loss": s["log_loss"], "val_accuracy": s["accuracy"],
+            "val_top5": s["top5"], "lr": parts["optimizer"].param_groups[0]["lr"],
+            "images_per_s": len(loader) * bs / secs, "data_wait": wait / secs, "seconds": secs,
+        }
+        history.append(row)
+        improved = s["log_loss"] < best["val_log_loss"]
+        if improved:
+            best = {"val_log_loss": s["log_loss"], "epoch": epoch}
+            since_best = 0
+            atomic_torch_save(
+                {"model": _eval_model(parts).state_dict(), "epoch": epoch, "config": cfg.to_dict(),
+                 "classes": ts.classes, "val_log_loss": s["log_loss"]},
+                fold_dir / "best.pt",
+            )
+        else:
+            since_best += 1
+        _write_metrics(fold_dir / "metrics.csv", history)
+        atomic_torch_save(_state(parts, epoch, step, best, history, bad, cfg), last)
+        log(
+            f"fold {k} epoch {epoch + 1}/{t.epochs}: loss {loss:.4f}  val log loss {s['log_loss']:.4f}  "
+            f"acc {s['accuracy']:.3f}  top5 {s['top5']:.3f}  {row['images_per_s']:.1f} img/s"
+            + ("  *" if improved else "")
+        )
+        if on_epoch_end is not None:
+            on_epoch_end(k, epoch, row)
+        if t.patience and since_best >= t.patience:
+            log(f"fold {k}: no better val log loss for {t.patience} epochs, stopping early")
+            break
+    if bad:
+        log(f"fold {k}: {len(set(bad))} photo(s) failed to decode during training (see skipped.csv)")
+        extra = {str(ts.paths[i]): "failed to decode during training" for i in set(bad)}
+        write_skipped(fold_dir.parent / "skipped.csv", {**data.bad, **extra})
+    return write_oof(cfg, k, fold_dir, val_ds, va_idx, val_labels, device, len(ts.classes), best)
+
+
+def write_oof(cfg, k, fold_dir, val_ds, va_idx, val_labels, device, n_classes, best) -> dict:
+    """Out-of-fold logits of the best checkpoint, with the same TTA the Predictor uses, into oof.npz."""
+    cfg_model = create_model(cfg.model, n_classes, pretrained=False).to(device)
+    cfg_model.load_state_dict(torch.load(fold_dir / "best.pt", map_location=device, weights_only=False)["model"])
+    cl = cfg.train.channels_last and device.type == "cuda"
+    if cl:
+        cfg_model = cfg_model.to(memory_format=torch.channels_last)
+    logits, order, ok = infer_logits(
+        cfg_model, _loader(val_ds, cfg, False, 0, cfg.predict.batch_size), device,
+        tta_hflip=cfg.predict.tta_hflip, amp=amp_dtype(cfg.train.amp, device), channels_last=cl,
+    )
+    keep = ok[np.argsort(order)]
+    atomic_savez(
+        fold_dir / "oof.npz",
+        indices=np.asarray(va_idx)[keep], labels=np.asarray(val_labels)[keep],
+        logits=logits[np.argsort(order)][keep].astype(np.float32),
+    )
+    s = score(softmax(logits[keep]), np.asarray(val_labels)[keep])
+    summary = {"fold": k, "best_epoch": best["epoch"], **{f"oof_{m}": v for m, v in s.items()}}
+    atomic_write_text(fold_dir / "summary.json", json.dumps(summary, indent=1))
+    return summary
