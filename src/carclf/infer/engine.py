@@ -28,7 +28,7 @@ def infer_logits(
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(loader, desc="predict", leave=False, dynamic_ncols=True)
+        batches = tqdm(loader, desc="predict", leave=False, dynamic_ncols=True, disable=None)
     for x, _, i, ok in batches:
         x = x.to(device, non_blocking=True)
         if channels_last:

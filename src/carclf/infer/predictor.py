@@ -46,6 +46,8 @@ class Predictor:
         for d in dirs:
             model = create_model(self.cfg.model, len(self.classes), pretrained=False)
             model.load_state_dict(torch.load(d, map_location="cpu", weights_only=False)["model"])
+            if self.cfg.train.channels_last:
+                model = model.to(memory_format=torch.channels_last)
             self.models.append(model.to(self.device).eval())
         self.data_config = data_config_for(self.cfg)
         self.transform = eval_transform(self.data_config)
@@ -59,7 +61,8 @@ class Predictor:
         total, ok = None, None
         for model, t in zip(self.models, self.temperatures, strict=True):
             logits, order, ok_f = infer_logits(
-                model, loader, self.device, tta_hflip=self.cfg.predict.tta_hflip, amp=self.amp, progress=progress
+                model, loader, self.device, tta_hflip=self.cfg.predict.tta_hflip, amp=self.amp,
+                channels_last=self.cfg.train.channels_last, progress=progress,
             )
             p = softmax(logits[np.argsort(order)], t)
             total = p if total is None else total + p

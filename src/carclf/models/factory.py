@@ -120,8 +120,31 @@ def load_backbone_weights(model: nn.Module, path: Path) -> None:
         )
 
 
+def freeze_leading_groups(model: nn.Module, n: int) -> None:
+    """Freeze the stem and the first stages (timm's coarse layer groups), BatchNorm statistics included.
+
+    On a CPU the early, high-resolution layers cost most of the backward pass and learn little that ImageNet did
+    not already teach them; freezing them trains the rest several times faster.
+    """
+    if n <= 0:
+        return
+    from timm.models import group_modules
+    from timm.utils.model import freeze
+
+    groups = group_modules(model, model.group_matcher(coarse=True))
+    if n >= len(groups):
+        raise CarclfError(f"model.freeze={n} would freeze all {len(groups)} layer groups: use at most {len(groups) - 1}")
+    freeze(model, [name for gid in sorted(groups)[:n] for name in groups[gid]])
+
+
 def create_model(cfg: ModelConfig, num_classes: int, pretrained: bool | None = None) -> nn.Module:
     """Build ``cfg.name`` with a ``num_classes`` head and pretrained weights from the first source that has them."""
+    model = _create(cfg, num_classes, pretrained)
+    freeze_leading_groups(model, cfg.freeze)
+    return model
+
+
+def _create(cfg: ModelConfig, num_classes: int, pretrained: bool | None) -> nn.Module:
     import timm
 
     pretrained = cfg.pretrained if pretrained is None else pretrained

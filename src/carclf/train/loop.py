@@ -174,9 +174,10 @@ def build_fold(cfg: Config, n_classes: int, steps_per_epoch: int, device: torch.
 
     t = cfg.train
     model = create_model(cfg.model, n_classes).to(device)
-    if t.channels_last and device.type == "cuda":
+    if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     lr = t.lr * cfg.data.batch_size / 32
+    # Frozen parameters stay out of the optimizer (timm's factory skips requires_grad=False).
     optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=t.weight_decay)
     total = t.epochs * steps_per_epoch
     scheduler = CosineLRScheduler(
@@ -218,12 +219,12 @@ def train_one_epoch(parts: dict, loader: DataLoader, cfg: Config, device: torch.
 
     model, optimizer, scheduler = parts["model"], parts["optimizer"], parts["scheduler"]
     ema, scaler, criterion, mixup = parts["ema"], parts["scaler"], parts["criterion"], parts["mixup"]
-    cl = cfg.train.channels_last and device.type == "cuda"
+    cl = cfg.train.channels_last
     model.train()
     total, count, bad = 0.0, 0, []
     wait = 0.0
     start = tick = time.perf_counter()
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0, disable=None)
     for x, y, idx, ok in bar:
         wait += time.perf_counter() - tick
         bad.extend(idx[~ok].tolist())
@@ -316,7 +317,7 @@ def train_fold(
     steps = len(train_ds) // bs if len(train_ds) > bs else 1
     seed_everything(t.seed * 1000 + k)
     parts = build_fold(cfg, len(ts.classes), steps, device)
-    cl = t.channels_last and device.type == "cuda"
+    cl = t.channels_last
     start_epoch, step, history, bad = 0, 0, [], []
     best = {"val_log_loss": math.inf, "epoch": -1}
     last = fold_dir / "last.pt"
@@ -347,11 +348,12 @@ def train_fold(
             parts, loader, cfg, device, step, desc=f"fold {k} epoch {epoch + 1}/{t.epochs}"
         )
         bad.extend(int(tr_idx[i]) for i in new_bad)
-        logits, _, _ = infer_logits(
+        logits, order, ok = infer_logits(
             _eval_model(parts), _loader(val_ds, cfg, False, 0, cfg.predict.batch_size), device,
             amp=parts["amp"], channels_last=cl,
         )
-        s = score(softmax(logits), val_labels)
+        bad.extend(int(va_idx[i]) for i in order[~ok])
+        s = score(softmax(logits[ok]), val_labels[order[ok]])
         row = {
             "epoch": epoch, "train_loss": loss, "val_log_loss": s["log_loss"], "val_accuracy": s["accuracy"],
             "val_top5": s["top5"], "lr": parts["optimizer"].param_groups[0]["lr"],
@@ -383,8 +385,11 @@ def train_fold(
             break
     if bad:
         log(f"fold {k}: {len(set(bad))} photo(s) failed to decode during training (see skipped.csv)")
+        listed = fold_dir.parent / "skipped.csv"
+        with listed.open(encoding="utf-8", newline="") as fh:
+            known = {r["path"]: r["reason"] for r in csv.DictReader(fh)}
         extra = {str(ts.paths[i]): "failed to decode during training" for i in set(bad)}
-        write_skipped(fold_dir.parent / "skipped.csv", {**data.bad, **extra})
+        write_skipped(listed, {**known, **extra})
     return write_oof(cfg, k, fold_dir, val_ds, va_idx, val_labels, device, len(ts.classes), best)
 
 
@@ -392,7 +397,7 @@ def write_oof(cfg, k, fold_dir, val_ds, va_idx, val_labels, device, n_classes, b
     """Out-of-fold logits of the best checkpoint, with the same TTA the Predictor uses, into oof.npz."""
     cfg_model = create_model(cfg.model, n_classes, pretrained=False).to(device)
     cfg_model.load_state_dict(torch.load(fold_dir / "best.pt", map_location=device, weights_only=False)["model"])
-    cl = cfg.train.channels_last and device.type == "cuda"
+    cl = cfg.train.channels_last
     if cl:
         cfg_model = cfg_model.to(memory_format=torch.channels_last)
     logits, order, ok = infer_logits(

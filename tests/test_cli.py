@@ -1,0 +1,74 @@
+"""The command line end to end, as a user runs it: train -> calibrate -> predict -> evaluate."""
+
+import csv
+
+import numpy as np
+import pytest
+
+from carclf.cli import main
+from tests.conftest import tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def test_cli_end_to_end(synth_data, tmp_path, capsys):
+    over = tiny_overrides(synth_data, tmp_path, **{"train.folds": "all", "train.epochs": 2})
+    assert main(["train", *over]) == 0
+    assert main(["calibrate", str(tmp_path / "t")]) == 0
+    out = capsys.readouterr().out
+    assert "temperature" in out and "nll_after" in out
+    sub = tmp_path / "submission.csv"
+    assert main(["predict", str(tmp_path / "t"), "--data", str(synth_data), "-o", str(sub)]) == 0
+    with sub.open(encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    with (synth_data / "sample_submission.csv").open(encoding="utf-8") as fh:
+        sample = list(csv.reader(fh))
+    assert rows[0] == sample[0]  # same columns, same order as the sample (not carclf's sorted order)
+    assert [r[0] for r in rows[1:]] == [r[0] for r in sample[1:]]
+    p = np.array([[float(v) for v in r[1:]] for r in rows[1:]])
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-6)
+    assert main(["evaluate", str(tmp_path / "t")]) == 0
+    table = capsys.readouterr().out
+    assert "log_loss" in table and "all" in table
+    assert (tmp_path / "t" / "evaluation.json").is_file()
+
+
+def test_cli_errors_are_one_line_without_traceback(synth_data, tmp_path, capsys):
+    assert main(["train", *tiny_overrides(synth_data, tmp_path), "train.lrr=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'train.lrr'" in err and "Traceback" not in err
+    assert main(["evaluate", str(tmp_path / "nothing")]) == 2
+    assert "not a carclf run directory" in capsys.readouterr().err
+
+
+def test_predict_bad_inputs(synth_data, tmp_path, capsys):
+    import shutil
+
+    assert main(["train", *tiny_overrides(synth_data, tmp_path)]) == 0
+    data = tmp_path / "data"
+    shutil.copytree(synth_data, data)
+    run = str(tmp_path / "t")
+    # sample_submission with a column the model does not know and one trained class missing
+    with (data / "sample_submission.csv").open(encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    dropped = rows[0][1]
+    rows[0][1] = "모르는_차종_2024"
+    with (data / "sample_submission.csv").open("w", encoding="utf-8", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    assert main(["predict", run, "--data", str(data), "-o", str(tmp_path / "s.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "모르는_차종_2024" in err and dropped in err
+    shutil.copyfile(synth_data / "sample_submission.csv", data / "sample_submission.csv")
+    # a test ID whose image is missing
+    first = sorted((data / "test").iterdir())[0]
+    first.unlink()
+    assert main(["predict", run, "--data", str(data), "-o", str(tmp_path / "s.csv")]) == 2
+    assert f"1 of" in capsys.readouterr().err
+    # an undecodable test photo: listed, its row filled, the file still complete
+    shutil.copyfile(synth_data / "test" / first.name, first)
+    second = sorted((data / "test").iterdir())[1]
+    second.write_bytes(b"not a jpeg")
+    assert main(["predict", run, "--data", str(data), "-o", str(tmp_path / "s.csv")]) == 0
+    assert second.name in capsys.readouterr().out
+    with (tmp_path / "s.csv").open(encoding="utf-8") as fh:
+        assert len(list(csv.reader(fh))) == len(rows)

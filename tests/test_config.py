@@ -1,0 +1,70 @@
+from pathlib import Path
+
+import pytest
+
+from carclf.config import load_config, parse_override, read_config, save_config
+from carclf.errors import CarclfError
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+def test_defaults_recipe_then_overrides_in_that_order(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  epochs: 7\n  lr: 0.01\ndata:\n  img_size: 96\n")
+    cfg = load_config(recipe, ["train.lr=3e-4", "train.folds=all"])
+    assert cfg.train.epochs == 7  # from the recipe
+    assert cfg.train.lr == pytest.approx(3e-4)  # override beats recipe; YAML-1.1 '3e-4' still a float
+    assert cfg.train.folds == "all"
+    assert cfg.data.img_size == 96
+    assert cfg.model.name == "tf_efficientnet_lite0"  # default untouched
+
+
+def test_unknown_key_fails_with_suggestion():
+    with pytest.raises(CarclfError, match=r"unknown config key 'train.epoch'.*Did you mean 'train.epochs'"):
+        load_config(None, ["train.epoch=3"])
+
+
+def test_unknown_key_in_recipe_names_the_file(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("modle:\n  name: x\n")
+    with pytest.raises(CarclfError, match=r"bad.yaml: unknown config key 'modle'.*'model'"):
+        load_config(recipe)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.epochs=abc", "train.epochs' must be int"),
+        ("train.ema=3", "train.ema' must be bool"),
+        ("data.n_folds=1", "n_folds must be at least 2"),
+        ("train.amp=fp8", "train.amp must be one of"),
+        ("trainepochs", "must look like key.sub=value"),
+        ("train=3", "'train' must be a mapping"),
+    ],
+)
+def test_bad_values_are_rejected(override, message):
+    with pytest.raises(CarclfError, match=message):
+        load_config(None, [override])
+
+
+def test_int_given_where_float_expected_is_accepted():
+    assert load_config(None, ["train.lr=1"]).train.lr == 1.0
+    assert parse_override("train.folds=0") == ("train.folds", 0)
+    assert load_config(None, ["train.folds=0"]).train.folds == "0"
+
+
+def test_missing_recipe_is_named():
+    with pytest.raises(CarclfError, match="recipe 'nope.yaml' not found"):
+        load_config("nope.yaml")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["train.epochs=3", "name=x", "data.root=데이터"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert read_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize("recipe", CONFIGS, ids=lambda p: p.name)
+def test_shipped_recipes_load(recipe):
+    cfg = load_config(recipe)
+    assert cfg.model.name

@@ -1,0 +1,55 @@
+import csv
+
+import numpy as np
+import pytest
+
+from carclf.errors import CarclfError
+from carclf.infer.submission import align_columns, finalize, write_submission
+
+
+def _read(path):
+    with path.open(encoding="utf-8", newline="") as fh:
+        return list(csv.reader(fh))
+
+
+def test_columns_and_rows_follow_the_sample_not_carclf_order(tmp_path):
+    classes = ["A", "B", "그랜저"]  # carclf's own (sorted) order
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    columns = ["그랜저", "A", "B"]
+    out = write_submission(tmp_path / "s.csv", ["T1", "T0"], probs, classes, columns)
+    rows = _read(out)
+    assert rows[0] == ["ID", "그랜저", "A", "B"]
+    assert [r[0] for r in rows[1:]] == ["T1", "T0"]
+    got = np.array([[float(v) for v in r[1:]] for r in rows[1:]])
+    np.testing.assert_allclose(got, probs[:, [2, 0, 1]], atol=1e-6)
+
+
+def test_nfd_sample_columns_match_nfc_classes(tmp_path):
+    import unicodedata
+
+    nfd = unicodedata.normalize("NFD", "쏘나타")
+    p = align_columns(np.array([[0.25, 0.75]]), ["K5", "쏘나타"], [nfd, "K5"])
+    np.testing.assert_allclose(p, [[0.75, 0.25]])
+
+
+def test_column_mismatch_names_missing_and_extra():
+    with pytest.raises(CarclfError, match=r"1 column\(s\) the model does not know \(C\).*1 trained class\(es\) with no column \(B\)"):
+        align_columns(np.ones((1, 2)) / 2, ["A", "B"], ["A", "C"])
+
+
+def test_clipping_renormalises_and_rows_sum_to_one():
+    p = finalize(np.array([[1.0, 0.0, 0.0], [0.2, 0.3, 0.5]]), eps=1e-3)
+    assert p.min() >= 1e-3 * 0.99
+    np.testing.assert_allclose(p.sum(axis=1), 1.0)
+    with pytest.raises(CarclfError, match="NaN"):
+        finalize(np.array([[np.nan, 1.0]]), eps=1e-6)
+
+
+def test_existing_submission_is_not_overwritten(tmp_path):
+    out = tmp_path / "s.csv"
+    out.write_text("mine")
+    with pytest.raises(CarclfError, match="already exists"):
+        write_submission(out, ["T0"], np.array([[1.0]]), ["A"], ["A"])
+    assert out.read_text() == "mine"
+    write_submission(out, ["T0"], np.array([[1.0]]), ["A"], ["A"], overwrite=True)
+    assert _read(out)[1] == ["T0", "1"]
