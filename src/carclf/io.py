@@ -9,6 +9,12 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path | str, write: Callable[[Any], None], mode: str = "w", **open_kw: Any) -> None:
     """Call ``write(fileobj)`` on a temp file in the same folder, then rename it onto ``path``."""
     path = Path(path)
@@ -19,6 +25,7 @@ def atomic_write(path: Path | str, write: Callable[[Any], None], mode: str = "w"
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the mode open() would have
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -41,7 +41,7 @@ def _is_image(path: Path) -> bool:
 def scan_train(data_root: Path | str) -> TrainSet:
     """List ``DATA/train/<class>/*`` images; raise a clear error for a missing, empty or ambiguous layout."""
     root = Path(data_root)
-    train = root / "train"
+    train = root.absolute() / "train"
     if not root.is_dir():
         raise CarclfError(f"data root '{root}' does not exist (set data.root=PATH to the competition folder)")
     if not train.is_dir():
@@ -70,10 +70,10 @@ def scan_train(data_root: Path | str) -> TrainSet:
     labels: list[int] = []
     for idx, name in enumerate(classes):
         files = sorted((p for p in by_name[name].iterdir() if p.is_file() and _is_image(p)), key=lambda p: p.name)
-        paths.extend(p.resolve() if not p.is_symlink() else p.absolute() for p in files)
+        paths.extend(p.absolute() for p in files)  # not resolve(): a symlinked class folder keeps its own name
         labels.extend([idx] * len(files))
     return TrainSet(
-        root=train.resolve(), classes=classes, paths=paths, labels=labels,
+        root=train.absolute(), classes=classes, paths=paths, labels=labels,
         folder_names={n: f.name for n, f in by_name.items()},
     )
 
