@@ -1,5 +1,7 @@
-"""Benchmark the data-health step on ../shared/data/cars196: images/s from scratch, duplicate groups found, the
-near-duplicate threshold, an incremental re-run's time, and the HTML report.
+"""Benchmark carclf's data-health step (prepare) on ../shared/data/cars196.
+
+Prints images/s from scratch, the duplicate groups found at the near-duplicate threshold, the time of an
+incremental re-run, and writes the HTML report (benchmarks/out/prepare-bench/cars196/report.html).
 
     python benchmarks/prepare_cars196.py [--data PATH] [--out benchmarks/out/prepare-bench] [--workers 0]
     python benchmarks/prepare_cars196.py --calibrate [--n-photos 400] [--n-classes 196]
@@ -71,8 +73,8 @@ def calibrate(data: Path, n_photos: int, n_classes: int, seed: int = 0) -> dict:
     same = [hamming(hashes[i], hashes[i + 1 :][labels[i + 1 :] == labels[i]]) for i in range(len(files))]
     same_d = np.concatenate(same)
     ii, jj, dd = near_pairs(hashes, 16)
-    close = sorted((int(d), files[i][1].parent.name + "/" + files[i][1].name, files[j][1].parent.name + "/" + files[j][1].name)
-                   for i, j, d in zip(ii, jj, dd, strict=True) if d <= 8)
+    rel = [f"{f.parent.name}/{f.name}" for _, f in files]
+    close = sorted((int(d), rel[i], rel[j]) for i, j, d in zip(ii, jj, dd, strict=True) if d <= 8)
 
     pick = rng.choice(len(files), min(n_photos, len(files)), replace=False)
     near: dict[str, list[int]] = {}
@@ -135,6 +137,7 @@ def main() -> None:
     print(f"threshold {p.threshold}: {exact} exact and {len(p.groups) - exact} near duplicate groups, "
           f"{s['counts']['cross_class_groups']} cross-class, {s['counts']['train_test_groups']} train/test, "
           f"{len(p.excluded)} training files excluded")
+    print(f"timings (s): {s['timings_s']}")
     t0 = time.perf_counter()
     p2 = prepare(data, out, workers=args.workers, log=lambda s: None)
     print(f"incremental re-run: {time.perf_counter() - t0:.1f} s ({p2.summary['n_probed']} files re-read)")

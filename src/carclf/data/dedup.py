@@ -57,7 +57,7 @@ def hamming(a: int | np.ndarray, b: int | np.ndarray) -> np.ndarray:
 def near_pairs(hashes: np.ndarray, max_distance: int, block: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All pairs i < j with Hamming distance <= ``max_distance``: (i, j, distance) arrays.
 
-    Brute force in row blocks against the upper triangle (written by hand: about n^2/2 XOR+popcount, ~1 s for 41k
+    Brute force in row blocks against the upper triangle (written by hand: about n^2/2 XOR+popcount, ~4 s for 41k
     hashes, far simpler than a BK-tree or multi-index hashing and exact).
     """
     n = len(hashes)

@@ -80,7 +80,7 @@ def list_entries(data_root: Path | str) -> tuple[list[Entry], list[str]]:
                 note = ""
                 try:
                     if de.is_dir():  # follows symlinks: a link to a folder is a folder here
-                        note = "folder inside a class folder: not read (carclf uses the files directly in train/<class>/)"
+                        note = "folder inside a class folder: not read (only files directly in train/<class>/ are)"
                 except OSError:
                     pass
                 found.append(Entry(rel, "train", name, "", de.path, note))
@@ -113,13 +113,17 @@ def _test_entries(root: Path) -> list[Entry]:
     i_id, i_path = header.index("ID"), header.index("img_path")
     out: list[Entry] = []
     seen: set[str] = set()
-    for r in rows:
+    for k, r in enumerate(rows, 1):
+        if len(r) <= max(i_id, i_path):
+            raise CarclfError(f"'{csv_path}' row {k} has {len(r)} field(s): every row needs ID and img_path")
         tid, raw = r[i_id].strip(), r[i_path].strip().replace("\\", "/")
         if tid in seen:
             raise CarclfError(f"'{csv_path}' repeats the ID '{tid}': IDs must be unique")
         seen.add(tid)
-        rel = posixpath.normpath(raw)
-        note = "" if rel and not rel.startswith("../") and not posixpath.isabs(rel) else "img_path points outside DATA"
+        rel = posixpath.normpath(raw) if raw else f"<no img_path for {tid}>"  # a unique key all the same
+        note = "" if raw else "empty img_path in test.csv"
+        if rel == ".." or rel.startswith("../") or posixpath.isabs(rel):
+            note = "img_path points outside DATA (paths in test.csv are relative to it, e.g. ./test/x.jpg)"
         out.append(Entry(nfc(rel), "test", "", tid, str(root / rel), note))
     return out
 
@@ -155,7 +159,8 @@ def _sniff(data: bytes) -> str:
     head = data[:512]
     if head[4:8] == b"ftyp":
         brand = head[8:12].decode("ascii", "replace")
-        kind = "AVIF" if brand.startswith("avi") else "HEIC/HEIF" if brand in {"heic", "heix", "mif1", "msf1"} else brand
+        heif = {"heic", "heix", "heim", "heis", "mif1", "msf1"}
+        kind = "AVIF" if brand.startswith("avi") else "HEIC/HEIF" if brand in heif else f"'{brand}' (ISO media)"
         return f"unsupported format: {kind} (Pillow cannot read it; convert the photo to JPEG or PNG)"
     if head.startswith(b"%PDF"):
         return "unsupported format: PDF document, not a photo"
@@ -181,12 +186,14 @@ def _bomb_reason(exc: Exception, max_pixels: int) -> str:
 
 def probe_file(path: str, max_pixels: int = DEFAULT_MAX_PIXELS, note: str = "") -> dict:
     """Read one file and return its manifest columns (all but path/split/class/id). Never raises for a bad file."""
+    if note:
+        return _blank(error=note)
     try:
         st = os.stat(path)
     except OSError as exc:
         return _blank(error=_stat_reason(path, exc))
-    if note or stat.S_ISDIR(st.st_mode):
-        return _blank(error=note or "a folder, not a file")
+    if stat.S_ISDIR(st.st_mode):
+        return _blank(error="a folder, not a file")
     row = _blank(size_bytes=st.st_size, mtime_ns=st.st_mtime_ns)
     ext = os.path.splitext(path)[1].lower()
     if ext not in IMAGE_EXTS:
