@@ -27,6 +27,8 @@ class DataConfig:
     batch_size: int = 32
     num_workers: int = 2  # DataLoader workers; 0 decodes in the training process
     draft_factor: float = 2.0  # JPEGs larger than this many times the input size are decoded at reduced scale
+    merges: str = "auto"  # merges.yaml listing class names that are one model; auto: DATA/merges.yaml if present
+    merge_split: str = "even"  # how predict shares a merged class's probability among its names: even | prior
 
 
 @dataclass
@@ -189,6 +191,7 @@ def validate(cfg: Config) -> None:
         (cfg.data.img_size >= 0, "data.img_size must be 0 (backbone default) or a size in pixels"),
         (0 <= cfg.data.crop_pct <= 1, "data.crop_pct must be in [0, 1]"),
         (0 < cfg.aug.scale_min <= 1, "aug.scale_min must be in (0, 1]"),
+        (cfg.data.merge_split in {"even", "prior"}, "data.merge_split must be 'even' or 'prior'"),
         (cfg.train.epochs >= 1, "train.epochs must be at least 1"),
         (cfg.train.lr > 0, "train.lr must be positive"),
         (0 <= cfg.train.label_smoothing < 1, "train.label_smoothing must be in [0, 1)"),

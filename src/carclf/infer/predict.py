@@ -39,11 +39,13 @@ def predict_run(
         + ("" if predictor.calibrated else " (not calibrated: run carclf calibrate first for better log loss)")
     )
     # Check the columns before the slow part too; write_submission checks again on the real matrix.
-    align_columns(np.zeros((1, len(predictor.classes))), predictor.classes, columns)
+    align_columns(np.zeros((1, len(predictor.output_classes))), predictor.output_classes, columns)
     probs, bad = predictor.predict_paths(test.paths, progress=True)
     if bad:
         log(f"{len(bad)} test photo(s) could not be decoded; their rows hold the mean prediction:")
         for p in bad[:10]:
             log(f"  {p}")
-    path = write_submission(out, test.ids, probs, predictor.classes, columns, predictor.cfg.predict.eps, overwrite)
+    path = write_submission(
+        out, test.ids, probs, predictor.output_classes, columns, predictor.cfg.predict.eps, overwrite
+    )
     return path, bad

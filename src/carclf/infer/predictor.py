@@ -13,6 +13,7 @@ from carclf.analyze.metrics import softmax
 from carclf.calibrate.temperature import read_temperature
 from carclf.config import read_config
 from carclf.data.dataset import ImageDataset
+from carclf.data.merges import MergeMap, identity
 from carclf.data.transforms import data_config_for, eval_transform
 from carclf.errors import CarclfError
 from carclf.infer.engine import infer_logits
@@ -33,7 +34,11 @@ class Predictor:
         meta = self.run_dir / "run.json"
         if not meta.is_file():
             raise CarclfError(f"'{meta}' not found: '{self.run_dir}' was never trained")
-        self.classes: list[str] = json.loads(meta.read_text(encoding="utf-8"))["classes"]
+        run_meta = json.loads(meta.read_text(encoding="utf-8"))
+        self.classes: list[str] = run_meta["classes"]  # the model's outputs
+        self.merge = MergeMap.from_dict(run_meta["merge"]) if "merge" in run_meta else identity(self.classes)
+        # What predict_* return: every original class name, merged groups shared out by data.merge_split.
+        self.output_classes: list[str] = self.merge.original
         self.device = select_device(device)
         dirs = sorted(self.run_dir.glob("fold*/best.pt"), key=lambda p: int(p.parent.name[4:]))
         if folds is not None:
@@ -67,10 +72,10 @@ class Predictor:
             p = softmax(logits[np.argsort(order)], t)
             total = p if total is None else total + p
             ok = ok_f[np.argsort(order)]
-        return total / len(self.models), ok
+        return self.merge.expand(total / len(self.models)), ok
 
     def predict_paths(self, paths: list[Path], progress: bool = False, num_workers: int | None = None):
-        """Probabilities (rows = paths, columns = ``self.classes``) and the list of photos that failed to decode.
+        """Probabilities (rows = paths, columns = ``self.output_classes``) and the list of photos that failed to decode.
 
         A failed photo gets the mean prediction of the others (the class prior the model sees), never a crash."""
         size = self.data_config["input_size"][-1]
@@ -80,7 +85,8 @@ class Predictor:
         probs, ok = self._probs(loader, progress)
         bad = [str(paths[i]) for i in np.where(~ok)[0]]
         if bad:
-            prior = probs[ok].mean(axis=0) if ok.any() else np.full(len(self.classes), 1 / len(self.classes))
+            n = len(self.output_classes)
+            prior = probs[ok].mean(axis=0) if ok.any() else np.full(n, 1 / n)
             probs[~ok] = prior
         return probs, bad
 

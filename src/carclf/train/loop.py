@@ -25,6 +25,7 @@ from carclf.analyze.metrics import score, softmax
 from carclf.config import Config, read_config, save_config
 from carclf.data.dataset import ImageDataset
 from carclf.data.imageio import check_images
+from carclf.data.merges import MergeMap, build_merge_map, identity, read_merges
 from carclf.data.scan import TrainSet, scan_train
 from carclf.data.splits import load_or_make_folds, parse_folds
 from carclf.data.transforms import data_config_for, eval_transform, train_transform
@@ -89,21 +90,44 @@ class RunData:
 
     trainset: TrainSet
     folds: np.ndarray
+    merge: MergeMap
     bad: dict[str, str] = field(default_factory=dict)  # path -> reason for photos left out of training
+
+    @property
+    def classes(self) -> list[str]:
+        """The model's classes (merged groups count once)."""
+        return self.merge.classes
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.merge.label_map[np.asarray(self.trainset.labels)]
 
     def split(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         good = np.array([str(p) not in self.bad for p in self.trainset.paths])
         return np.where(good & (self.folds != k))[0], np.where(good & (self.folds == k))[0]
 
 
+def merge_map_for(cfg: Config, trainset: TrainSet) -> MergeMap:
+    spec = cfg.data.merges
+    if spec == "auto":
+        auto = Path(cfg.data.root) / "merges.yaml"
+        spec = str(auto) if auto.is_file() else ""
+    if not spec:
+        return identity(trainset.classes)
+    counts = np.bincount(np.asarray(trainset.labels), minlength=len(trainset.classes))
+    return build_merge_map(trainset.classes, read_merges(spec), cfg.data.merge_split, counts, source=spec)
+
+
 def load_run_data(cfg: Config, run_dir: Path | None = None) -> RunData:
     trainset = scan_train(cfg.data.root)
+    merge = merge_map_for(cfg, trainset)
     pdir = prepare_dir(cfg)
     bad = check_images(trainset.paths, cache_file=pdir / "decode-check.json")
     folds, folds_file = load_or_make_folds(trainset, cfg.data.n_folds, cfg.data.fold_seed, pdir)
     if run_dir is not None:
         meta = {
-            "classes": trainset.classes,
+            "classes": merge.classes,
+            "merge": merge.to_dict(),
             "data_root": str(Path(cfg.data.root).resolve()),
             "folds_file": str(folds_file.resolve()),
             "n_images": len(trainset),
@@ -112,7 +136,7 @@ def load_run_data(cfg: Config, run_dir: Path | None = None) -> RunData:
         atomic_write_text(run_dir / "run.json", json.dumps(meta, ensure_ascii=False, indent=1))
         shutil.copyfile(folds_file, run_dir / "folds.csv")
         write_skipped(run_dir / "skipped.csv", bad)
-    return RunData(trainset, folds, bad)
+    return RunData(trainset, folds, merge, bad)
 
 
 def write_skipped(path: Path, bad: dict[str, str]) -> None:
@@ -315,11 +339,12 @@ def train_fold(
     fold_dir.mkdir(parents=True, exist_ok=True)
     ts = data.trainset
     tr_idx, va_idx = data.split(k)
+    classes = data.classes
     if len(va_idx) == 0 or len(tr_idx) == 0:
         raise CarclfError(f"fold {k} has no training or no validation images after skipping unreadable ones")
     dcfg = data_config_for(cfg)
     size = dcfg["input_size"][-1]
-    paths, labels = np.array(ts.paths, dtype=object), np.array(ts.labels)
+    paths, labels = np.array(ts.paths, dtype=object), data.labels
     train_ds = ImageDataset(
         paths[tr_idx], labels[tr_idx], train_transform(dcfg, cfg.aug), size, cfg.data.draft_factor, substitute=True
     )
@@ -327,7 +352,7 @@ def train_fold(
     bs = min(cfg.data.batch_size, len(train_ds))
     steps = len(train_ds) // bs if len(train_ds) > bs else 1
     seed_everything(t.seed * 1000 + k)
-    parts = build_fold(cfg, len(ts.classes), steps, device)
+    parts = build_fold(cfg, len(classes), steps, device)
     cl = t.channels_last
     start_epoch, step, history, bad = 0, 0, [], []
     best = {"val_log_loss": math.inf, "epoch": -1}
@@ -346,7 +371,7 @@ def train_fold(
         )
         log(f"fold {k}: resuming after epoch {state['epoch']}")
     log(
-        f"fold {k}: {len(tr_idx)} train / {len(va_idx)} val images, {len(ts.classes)} classes, "
+        f"fold {k}: {len(tr_idx)} train / {len(va_idx)} val images, {len(classes)} classes, "
         f"{cfg.model.name} @ {size}px on {device}"
     )
     since_best = sum(1 for _ in range(best["epoch"] + 1, start_epoch))
@@ -377,7 +402,7 @@ def train_fold(
             since_best = 0
             atomic_torch_save(
                 {"model": _eval_model(parts).state_dict(), "epoch": epoch, "config": cfg.to_dict(),
-                 "classes": ts.classes, "val_log_loss": s["log_loss"]},
+                 "classes": classes, "val_log_loss": s["log_loss"]},
                 fold_dir / "best.pt",
             )
         else:
@@ -401,7 +426,7 @@ def train_fold(
             known = {r["path"]: r["reason"] for r in csv.DictReader(fh)}
         extra = {str(ts.paths[i]): "failed to decode during training" for i in set(bad)}
         write_skipped(listed, {**known, **extra})
-    return write_oof(cfg, k, fold_dir, val_ds, va_idx, val_labels, device, len(ts.classes), best)
+    return write_oof(cfg, k, fold_dir, val_ds, va_idx, val_labels, device, len(classes), best)
 
 
 def write_oof(cfg, k, fold_dir, val_ds, va_idx, val_labels, device, n_classes, best) -> dict:
