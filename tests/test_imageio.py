@@ -1,7 +1,7 @@
 import numpy as np
 from PIL import Image
 
-from carclf.data.imageio import check_image, check_images, load_rgb
+from carclf.data.imageio import load_rgb
 
 
 def test_draft_mode_decodes_large_jpegs_at_reduced_scale(tmp_path):
@@ -33,20 +33,3 @@ def test_exif_orientation_is_applied(tmp_path):
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display
     img.save(tmp_path / "r.jpg", exif=exif)
     assert load_rgb(tmp_path / "r.jpg").size == (20, 40)
-
-
-def test_check_finds_each_kind_of_bad_file_and_caches(tmp_path):
-    Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "ok.jpg")
-    (tmp_path / "zero.jpg").write_bytes(b"")
-    (tmp_path / "text.jpg").write_text("hello")
-    (tmp_path / "trunc.jpg").write_bytes((tmp_path / "ok.jpg").read_bytes()[:200])
-    assert check_image(str(tmp_path / "ok.jpg")) == ""
-    paths = sorted(tmp_path.glob("*.jpg"))
-    cache = tmp_path / "cache.json"
-    bad = check_images(paths, cache_file=cache, workers=1)
-    assert {p.rsplit("/", 1)[-1] for p in bad} == {"zero.jpg", "text.jpg", "trunc.jpg"}
-    assert bad[str(tmp_path / "zero.jpg")] == "zero-byte file"
-    # Cached: an unchanged file is not decoded again, a changed one is.
-    (tmp_path / "zero.jpg").write_bytes((tmp_path / "ok.jpg").read_bytes())
-    again = check_images(paths, cache_file=cache, workers=1)
-    assert str(tmp_path / "zero.jpg") not in again and len(again) == 2

@@ -1,3 +1,5 @@
+import csv
+
 import numpy as np
 import pytest
 
@@ -33,8 +35,13 @@ def test_saved_split_is_reused_and_renewed_when_data_changes(tmp_path):
     folds, path = load_or_make_folds(ts, 3, 0, tmp_path / "prep")
     assert path.is_file()
     # A saved split is read back even if the seed-derived split would now differ (e.g. another sklearn version).
-    text = path.read_text().replace(",0\n", ",9\n", 1)
-    path.write_text(text)
+    rows = list(csv.DictReader(path.open()))
+    assert {r["policy"] for r in rows} == {"stratified_kfold"}
+    rows[0]["fold"] = "9"
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
     again, path2 = load_or_make_folds(ts, 3, 0, tmp_path / "prep")
     assert path2 == path
     assert 9 in again
@@ -57,3 +64,22 @@ def test_parse_folds():
         parse_folds("3", 3)
     with pytest.raises(CarclfError, match="must be 'all' or fold numbers"):
         parse_folds("first", 3)
+
+
+def test_group_folds_never_split_a_group_and_are_recorded(tmp_path):
+    ts = _trainset(tmp_path, [12, 12, 12, 12])
+    # Pairs of copies: 0-1, 2-3, ... share a group; plain stratified folds split many of them.
+    groups = [i // 2 for i in range(len(ts.labels))]
+    plain, _ = load_or_make_folds(ts, 4, 0, tmp_path / "prep")
+    grouped, path = load_or_make_folds(ts, 4, 0, tmp_path / "prep", groups)
+    g = np.array(groups)
+    straddle = lambda folds: sum(len(set(folds[g == k])) > 1 for k in set(groups))  # noqa: E731
+    assert straddle(plain) > 0
+    assert straddle(grouped) == 0
+    assert "group" in path.name
+    rows = list(csv.DictReader(path.open()))
+    assert {r["policy"] for r in rows} == {"stratified_group_kfold"}
+    assert [int(r["group"]) for r in rows] == groups
+    y = np.array(ts.labels)
+    for c in range(4):  # still stratified: every class in every fold
+        assert set(grouped[y == c]) == set(range(4))

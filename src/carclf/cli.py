@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -18,6 +19,21 @@ def _train(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite)
     print(f"run directory: {run_dir}")
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    from carclf.config import load_config
+    from carclf.train.loop import prepare_dir, run_prepare
+
+    cfg = load_config(args.config, [f"data.root={args.data}", f"out_dir={args.out_dir}", *args.overrides])
+    prepared = run_prepare(cfg)
+    s = prepared.summary
+    print(f"prepare directory: {prepare_dir(cfg)}  (near-duplicate threshold {s['threshold']} bits)")
+    print(json.dumps(s["counts"], ensure_ascii=False))
+    if args.report:
+        from carclf.analyze.prepare_report import write_report
+
+        print(f"report: {write_report(prepared, cfg.data.root, prepare_dir(cfg) / 'report.html')}")
 
 
 def _calibrate(args: argparse.Namespace) -> None:
@@ -58,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue an interrupted run (or add folds to it)")
     t.add_argument("--overwrite", action="store_true", help="delete an existing run directory of the same name first")
     t.set_defaults(func=_train)
+
+    pp = sub.add_parser("prepare", help="check the data: manifest, bad files, duplicates, conflicts, leaks")
+    pp.add_argument("data", help="data root holding train/ (and test.csv, test/)")
+    pp.add_argument("-c", "--config", help="YAML recipe whose data.* policies to use")
+    pp.add_argument("--out-dir", default="runs", help="writes into OUT_DIR/prepare/<data folder name>/")
+    pp.add_argument("--report", action="store_true", help="also write report.html with plots and thumbnails")
+    pp.add_argument("overrides", nargs="*", help="data.* overrides, e.g. data.near_threshold=4 data.cross_class=keep")
+    pp.set_defaults(func=_prepare)
 
     c = sub.add_parser("calibrate", help="fit a temperature per fold on its out-of-fold logits")
     c.add_argument("run", help="run directory, e.g. runs/lite0")

@@ -27,6 +27,11 @@ class DataConfig:
     batch_size: int = 32
     num_workers: int = 2  # DataLoader workers; 0 decodes in the training process
     draft_factor: float = 2.0  # JPEGs larger than this many times the input size are decoded at reduced scale
+    fold_policy: str = "group"  # group: duplicate groups never straddle folds (StratifiedGroupKFold) | stratified
+    near_threshold: int = -1  # phash Hamming distance for near duplicates; -1: the calibrated default (2)
+    within_class: str = "keep_one"  # copies of one photo inside a class: keep_one | keep_all
+    cross_class: str = "exclude"  # one photo filed under several classes (label conflict): exclude | keep
+    max_pixels: int = 90_000_000  # decompression-bomb guard: larger photos are quarantined; 0 disables
     merges: str = "auto"  # merges.yaml listing class names that are one model; auto: DATA/merges.yaml if present
     merge_split: str = "even"  # how predict shares a merged class's probability among its names: even | prior
 
@@ -191,6 +196,11 @@ def validate(cfg: Config) -> None:
         (cfg.data.img_size >= 0, "data.img_size must be 0 (backbone default) or a size in pixels"),
         (0 <= cfg.data.crop_pct <= 1, "data.crop_pct must be in [0, 1]"),
         (0 < cfg.aug.scale_min <= 1, "aug.scale_min must be in (0, 1]"),
+        (cfg.data.fold_policy in {"group", "stratified"}, "data.fold_policy must be 'group' or 'stratified'"),
+        (cfg.data.within_class in {"keep_one", "keep_all"}, "data.within_class must be 'keep_one' or 'keep_all'"),
+        (cfg.data.cross_class in {"exclude", "keep"}, "data.cross_class must be 'exclude' or 'keep'"),
+        (-1 <= cfg.data.near_threshold <= 32, "data.near_threshold must be -1 (default) or 0..32 bits"),
+        (cfg.data.max_pixels >= 0, "data.max_pixels must be 0 (no guard) or a pixel count"),
         (cfg.data.merge_split in {"even", "prior"}, "data.merge_split must be 'even' or 'prior'"),
         (cfg.train.epochs >= 1, "train.epochs must be at least 1"),
         (cfg.train.lr > 0, "train.lr must be positive"),

@@ -48,14 +48,17 @@ def score_submission(submission: Path, labels: dict[str, str]) -> dict[str, floa
     return score(probs, y)
 
 
-def run_demo(out: Path, overwrite: bool = False, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+def run_demo(
+    out: Path, overwrite: bool = False, overrides: list[str] | tuple[str, ...] = (), spec: SynthSpec = DEMO_SPEC
+) -> dict:
+    """Generate the data, run every step, print a summary table; return the summary figures."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise CarclfError(f"'{out}' already holds a demo: pass --overwrite to replace it, or --out elsewhere")
         shutil.rmtree(out)
     start = time.time()
-    info = make_dataset(out / "data", DEMO_SPEC)
+    info = make_dataset(out / "data", spec)
     print(f"synthetic data: {len(info.classes)} classes (two of them one model: {info.merged[0]}), "
           f"{len(info.duplicates)} duplicate photos, {len(info.test_labels)} test photos -> {out / 'data'}")
     cfg = load_config(None, [*DEMO_OVERRIDES, f"out_dir={out / 'runs'}", f"data.root={out / 'data'}", *overrides])

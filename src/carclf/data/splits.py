@@ -8,17 +8,17 @@ import io
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from carclf.data.scan import TrainSet
 from carclf.errors import CarclfError
 from carclf.io import atomic_write_text
 
 
-def data_fingerprint(relpaths: list[str], labels: list[int]) -> str:
+def data_fingerprint(relpaths: list[str], labels: list[int], groups: list[int] | None = None) -> str:
     h = hashlib.sha1()
-    for rel, lab in zip(relpaths, labels, strict=True):
-        h.update(f"{rel}\t{lab}\n".encode())
+    for i, (rel, lab) in enumerate(zip(relpaths, labels, strict=True)):
+        h.update(f"{rel}\t{lab}\t{groups[i] if groups is not None else ''}\n".encode())
     return h.hexdigest()[:10]
 
 
@@ -34,29 +34,39 @@ def check_fold_counts(classes: list[str], labels: list[int], n_folds: int) -> No
         )
 
 
-def stratified_folds(labels: list[int], n_folds: int, seed: int) -> np.ndarray:
-    """Fold index per sample; scikit-learn's StratifiedKFold, shuffled with ``seed``."""
+def stratified_folds(labels: list[int], n_folds: int, seed: int, groups: list[int] | None = None) -> np.ndarray:
+    """Fold index per sample, shuffled with ``seed``: scikit-learn's StratifiedKFold, or with ``groups``
+    StratifiedGroupKFold, which keeps every group (copies of one photo) inside a single fold."""
     y = np.asarray(labels)
     folds = np.full(len(y), -1, dtype=np.int64)
-    skf = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    for k, (_, val_idx) in enumerate(skf.split(np.zeros(len(y)), y)):
+    if groups is None:
+        splits = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)
+    else:
+        sgkf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        splits = sgkf.split(np.zeros(len(y)), y, np.asarray(groups))
+    for k, (_, val_idx) in enumerate(splits):
         folds[val_idx] = k
     return folds
 
 
-def folds_path(prepare_dir: Path, trainset: TrainSet, n_folds: int, seed: int) -> Path:
-    fp = data_fingerprint(trainset.relpaths(), trainset.labels)
-    return prepare_dir / f"folds-k{n_folds}-s{seed}-{fp}.csv"
+def folds_path(prepare_dir: Path, trainset: TrainSet, n_folds: int, seed: int, groups: list[int] | None = None) -> Path:
+    fp = data_fingerprint(trainset.relpaths(), trainset.labels, groups)
+    policy = "group" if groups is not None else "stratified"
+    return prepare_dir / f"folds-k{n_folds}-s{seed}-{policy}-{fp}.csv"
 
 
-def load_or_make_folds(trainset: TrainSet, n_folds: int, seed: int, prepare_dir: Path) -> tuple[np.ndarray, Path]:
+def load_or_make_folds(
+    trainset: TrainSet, n_folds: int, seed: int, prepare_dir: Path, groups: list[int] | None = None
+) -> tuple[np.ndarray, Path]:
     """Return the fold of every training image, reading the saved split when the same data was split before.
 
-    The file name carries a fingerprint of (path, class) pairs: added, removed or relabelled photos get a new
-    split instead of silently reusing one that no longer matches.
+    With ``groups`` (duplicate group per image) the split is leak-free: no group straddles two folds. The file name
+    carries the policy and a fingerprint of (path, class, group): added, removed or relabelled photos, or changed
+    duplicate groups, get a new split instead of silently reusing one that no longer matches. The file's ``policy``
+    column records which split it is.
     """
     check_fold_counts(trainset.classes, trainset.labels, n_folds)
-    path = folds_path(prepare_dir, trainset, n_folds, seed)
+    path = folds_path(prepare_dir, trainset, n_folds, seed, groups)
     rel = trainset.relpaths()
     if path.is_file():
         with path.open(encoding="utf-8", newline="") as fh:
@@ -64,12 +74,13 @@ def load_or_make_folds(trainset: TrainSet, n_folds: int, seed: int, prepare_dir:
         by_path = {r["path"]: int(r["fold"]) for r in rows}
         if set(by_path) == set(rel):
             return np.array([by_path[r] for r in rel], dtype=np.int64), path
-    folds = stratified_folds(trainset.labels, n_folds, seed)
+    folds = stratified_folds(trainset.labels, n_folds, seed, groups)
+    policy = "stratified_group_kfold" if groups is not None else "stratified_kfold"
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", "class", "fold"])
-    for r, lab, f in zip(rel, trainset.labels, folds, strict=True):
-        w.writerow([r, trainset.classes[lab], int(f)])
+    w.writerow(["path", "class", "fold", "group", "policy"])
+    for i, (r, lab, f) in enumerate(zip(rel, trainset.labels, folds, strict=True)):
+        w.writerow([r, trainset.classes[lab], int(f), groups[i] if groups is not None else "", policy])
     atomic_write_text(path, buf.getvalue())
     return folds, path
 

@@ -24,7 +24,6 @@ from torch.utils.data import DataLoader
 from carclf.analyze.metrics import score, softmax
 from carclf.config import Config, read_config, save_config
 from carclf.data.dataset import ImageDataset
-from carclf.data.imageio import check_images
 from carclf.data.merges import MergeMap, build_merge_map, identity, read_merges
 from carclf.data.scan import TrainSet, scan_train
 from carclf.data.splits import load_or_make_folds, parse_folds
@@ -118,20 +117,36 @@ def merge_map_for(cfg: Config, trainset: TrainSet) -> MergeMap:
     return build_merge_map(trainset.classes, read_merges(spec), cfg.data.merge_split, counts, source=spec)
 
 
-def load_run_data(cfg: Config, run_dir: Path | None = None) -> RunData:
+def run_prepare(cfg: Config, log: Callable[[str], None] = print):
+    """The data-health step with the run's policies (incremental: unchanged files are not read again)."""
+    from carclf.data.prepare import prepare
+
+    return prepare(
+        cfg.data.root, prepare_dir(cfg),
+        near_threshold=None if cfg.data.near_threshold < 0 else cfg.data.near_threshold,
+        within_class=cfg.data.within_class, cross_class=cfg.data.cross_class, max_pixels=cfg.data.max_pixels,
+        log=log,
+    )
+
+
+def load_run_data(cfg: Config, run_dir: Path | None = None, log: Callable[[str], None] = print) -> RunData:
     trainset = scan_train(cfg.data.root)
     merge = merge_map_for(cfg, trainset)
     pdir = prepare_dir(cfg)
-    bad = check_images(trainset.paths, cache_file=pdir / "decode-check.json")
-    folds, folds_file = load_or_make_folds(trainset, cfg.data.n_folds, cfg.data.fold_seed, pdir)
+    prepared = run_prepare(cfg, log)
+    keys = ["train/" + r for r in trainset.relpaths()]
+    bad = {str(p): prepared.excluded[key] for p, key in zip(trainset.paths, keys, strict=True) if key in prepared.excluded}
+    groups = [prepared.group_of[key] for key in keys] if cfg.data.fold_policy == "group" else None
+    folds, folds_file = load_or_make_folds(trainset, cfg.data.n_folds, cfg.data.fold_seed, pdir, groups)
     if run_dir is not None:
         meta = {
             "classes": merge.classes,
             "merge": merge.to_dict(),
             "data_root": str(Path(cfg.data.root).resolve()),
             "folds_file": str(folds_file.resolve()),
+            "fold_policy": cfg.data.fold_policy,
             "n_images": len(trainset),
-            "skipped": len(bad),
+            "excluded": len(bad),
         }
         atomic_write_text(run_dir / "run.json", json.dumps(meta, ensure_ascii=False, indent=1))
         shutil.copyfile(folds_file, run_dir / "folds.csv")
@@ -159,9 +174,10 @@ def train(
     if not cfg.data.root:
         raise CarclfError("data.root is not set: pass data.root=PATH/TO/DATA (the folder holding train/)")
     run_dir = open_run_dir(cfg, resume, overwrite)
-    data = load_run_data(cfg, run_dir)
+    data = load_run_data(cfg, run_dir, log)
     if data.bad:
-        log(f"skipping {len(data.bad)} unreadable image(s), listed in {run_dir / 'skipped.csv'}:")
+        log(f"leaving {len(data.bad)} photo(s) out of training (bad files, duplicates, label conflicts), "
+            f"listed in {run_dir / 'skipped.csv'}:")
         for p, reason in list(data.bad.items())[:10]:
             log(f"  {p}: {reason}")
     for k in parse_folds(cfg.train.folds, cfg.data.n_folds):

@@ -1,0 +1,21 @@
+import pytest
+
+from carclf.data.synth import SynthSpec
+from carclf.demo import run_demo
+from carclf.errors import CarclfError
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_runs_every_step_and_refuses_to_clobber(tmp_path, capsys):
+    spec = SynthSpec(n_classes=5, train_per_class=8, test_per_class=2, size=(96, 72), seed=3)
+    over = ["data.img_size=64", "train.epochs=1", "data.num_workers=0"]
+    summary = run_demo(tmp_path / "demo", overrides=over, spec=spec)
+    out = capsys.readouterr().out
+    for name in ("submission.csv", "runs/demo/evaluation.json", "runs/demo/fold2/calibration.json"):
+        assert (tmp_path / "demo" / name).is_file(), name
+    assert "test_log_loss" in out and "files:" in out
+    assert summary["oof_log_loss_calibrated"] <= summary["oof_log_loss_raw"] + 1e-9
+    assert 0 <= summary["test_accuracy"] <= 1
+    with pytest.raises(CarclfError, match="already holds a demo"):
+        run_demo(tmp_path / "demo", overrides=over, spec=spec)
