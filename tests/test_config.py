@@ -40,6 +40,8 @@ def test_unknown_key_in_recipe_names_the_file(tmp_path):
         ("train.amp=fp8", "train.amp must be one of"),
         ("trainepochs", "must look like key.sub=value"),
         ("train=3", "'train' must be a mapping"),
+        ("data.draft_factor=0", "draft_factor must be at least 1"),
+        ("train.patience=-1", "patience must be 0"),
     ],
 )
 def test_bad_values_are_rejected(override, message):
@@ -49,8 +51,14 @@ def test_bad_values_are_rejected(override, message):
 
 def test_int_given_where_float_expected_is_accepted():
     assert load_config(None, ["train.lr=1"]).train.lr == 1.0
-    assert parse_override("train.folds=0") == ("train.folds", 0)
+    key, value = parse_override("train.folds=0")
+    assert (key, value.value, value.raw) == ("train.folds", 0, "0")
     assert load_config(None, ["train.folds=0"]).train.folds == "0"
+
+
+def test_string_fields_keep_the_text_as_typed():
+    cfg = load_config(None, ["data.root=on", "name=1e5", "out_dir=null"])
+    assert (cfg.data.root, cfg.name, cfg.out_dir) == ("on", "1e5", "null")
 
 
 def test_missing_recipe_is_named():

@@ -54,7 +54,8 @@ def _predict(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from carclf.analyze.evaluate import evaluate_run, format_table
 
-    print(format_table(evaluate_run(args.run), EVAL_COLUMNS))
+    rows = evaluate_run(args.run)
+    print(format_table(rows, EVAL_COLUMNS + (["log_loss_columns"] if "log_loss_columns" in rows[0] else [])))
 
 
 def _demo(args: argparse.Namespace) -> None:

@@ -108,8 +108,18 @@ def _suggest(key: str, choices: list[str], prefix: str) -> str:
     return f" Valid keys: {', '.join(prefix + c for c in sorted(choices))}."
 
 
+class RawOverride:
+    """A command-line value parsed as YAML, with its text kept: a string field (a path, a name) takes the text
+    as typed, so a folder called ``on`` or ``1e5`` stays a string instead of becoming True or 100000.0."""
+
+    def __init__(self, value: Any, raw: str) -> None:
+        self.value, self.raw = value, raw
+
+
 def _coerce(value: Any, typ: Any, key: str) -> Any:
     """Check a value against a dataclass field type; ints become floats where a float is expected."""
+    if isinstance(value, RawOverride):
+        value = value.raw if typ is str else value.value
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ is str and isinstance(value, int | float) and not isinstance(value, bool):
@@ -130,6 +140,8 @@ def _merge(obj: Any, updates: dict[str, Any], prefix: str, source: str) -> None:
             raise CarclfError(f"{source}: unknown config key '{full}'." + _suggest(str(key), names, prefix))
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
+            if isinstance(value, RawOverride):
+                value = value.value
             _merge(current, value, full + ".", source)
         else:
             setattr(obj, key, _coerce(value, hints[key], full))
@@ -159,7 +171,7 @@ def parse_override(text: str) -> tuple[str, Any]:
             value = float(value)
         except ValueError:
             pass
-    return key.strip(), value
+    return key.strip(), RawOverride(value, raw.strip())
 
 
 def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -192,6 +204,16 @@ def validate(cfg: Config) -> None:
     checks = [
         (cfg.data.n_folds >= 2, "data.n_folds must be at least 2"),
         (cfg.data.batch_size >= 1, "data.batch_size must be at least 1"),
+        (cfg.predict.batch_size >= 1, "predict.batch_size must be at least 1"),
+        (cfg.data.draft_factor >= 1, "data.draft_factor must be at least 1 (1: decode at the smallest size >= input)"),
+        (cfg.model.freeze >= 0, "model.freeze must be 0 or more"),
+        (0 <= cfg.aug.hflip <= 1, "aug.hflip must be in [0, 1]"),
+        (0 <= cfg.aug.re_prob <= 1, "aug.re_prob must be in [0, 1]"),
+        (cfg.aug.mixup >= 0 and cfg.aug.cutmix >= 0, "aug.mixup and aug.cutmix must be 0 (off) or positive"),
+        (cfg.train.warmup_epochs >= 0, "train.warmup_epochs must be 0 or more"),
+        (cfg.train.grad_clip >= 0, "train.grad_clip must be 0 (off) or positive"),
+        (cfg.train.patience >= 0, "train.patience must be 0 (off) or more"),
+        (cfg.train.threads >= 0, "train.threads must be 0 (torch default) or more"),
         (cfg.data.num_workers >= 0, "data.num_workers must be 0 or more"),
         (cfg.data.img_size >= 0, "data.img_size must be 0 (backbone default) or a size in pixels"),
         (0 <= cfg.data.crop_pct <= 1, "data.crop_pct must be in [0, 1]"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -39,12 +40,20 @@ def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> flo
     return float(F.cross_entropy(z, torch.as_tensor(labels, dtype=torch.long)).item())
 
 
+def fold_number(fold_dir: Path) -> int:
+    return int(fold_dir.name[4:])
+
+
 def fold_dirs(run_dir: Path) -> list[Path]:
-    """Completed folds of a run (those with out-of-fold logits)."""
+    """Completed folds of a run (``fold<k>/`` with out-of-fold logits), in fold order. The one way to find them:
+    calibrate, evaluate and the Predictor all use it."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise CarclfError(f"'{run_dir}' is not a carclf run directory (no config.yaml)")
-    dirs = sorted((d for d in run_dir.glob("fold*") if (d / "oof.npz").is_file()), key=lambda d: int(d.name[4:]))
+    dirs = sorted(
+        (d for d in run_dir.glob("fold*") if re.fullmatch(r"fold\d+", d.name) and (d / "oof.npz").is_file()),
+        key=fold_number,
+    )
     if not dirs:
         raise CarclfError(f"'{run_dir}' has no completed fold (no fold*/oof.npz): train it first")
     return dirs
@@ -66,7 +75,7 @@ def calibrate_run(run_dir: Path | str) -> list[dict]:
     for d in fold_dirs(Path(run_dir)):
         _, labels, logits = load_oof(d)
         t = fit_temperature(logits, labels)
-        row = {"fold": int(d.name[4:]), "temperature": t, "nll_before": nll(logits, labels),
+        row = {"fold": fold_number(d), "temperature": t, "nll_before": nll(logits, labels),
                "nll_after": nll(logits, labels, t), "n": int(len(labels))}
         atomic_write_text(d / "calibration.json", json.dumps(row, indent=1))
         rows.append(row)

@@ -20,13 +20,18 @@ def load_rgb(path: Path | str, target: int = 0, draft_factor: float = 2.0) -> Im
             if min(img.size) >= 2 * want:
                 img.draft("RGB", (want, want))
         img.load()
-        img = ImageOps.exif_transpose(img)
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            # Composite transparent pixels on white, as a browser shows them, instead of on black.
-            rgba = img.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(background, rgba)
-        elif img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            # 16-bit greyscale: scale to 8 bits instead of clipping everything above 255 to white.
-            img = img.point(lambda v: v / 256).convert("L")
-        return img.convert("RGB")
+        return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Upright RGB: EXIF orientation applied, transparency on white, 16-bit scaled, CMYK/palette converted."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Composite transparent pixels on white, as a browser shows them, instead of on black.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    elif img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit greyscale: scale to 8 bits instead of clipping everything above 255 to white.
+        img = img.point(lambda v: v / 256).convert("L")
+    return img.convert("RGB")

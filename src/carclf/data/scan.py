@@ -111,11 +111,15 @@ def scan_test(data_root: Path | str, csv_name: str = "test.csv") -> TestSet:
         if col not in header:
             raise CarclfError(f"'{root / csv_name}' has no '{col}' column (found: {', '.join(header)})")
     i_id, i_path = header.index("ID"), header.index("img_path")
-    ids = [r[i_id] for r in rows]
+    short = [n + 2 for n, r in enumerate(rows) if len(r) <= max(i_id, i_path)]
+    if short:
+        raise CarclfError(f"'{root / csv_name}': line(s) {', '.join(map(str, short[:5]))} have too few columns")
+    ids = [r[i_id].strip() for r in rows]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
         raise CarclfError(f"'{root / csv_name}' repeats IDs: {', '.join(dup)}")
-    paths = [(root / r[i_path]).resolve() for r in rows]
+    # absolute(), not resolve(): resolving a symlink loop raises instead of letting the loader list the file
+    paths = [root.absolute() / r[i_path].strip().replace("\\", "/") for r in rows]  # Windows-style paths too
     return TestSet(ids=ids, paths=paths)
 
 
@@ -124,4 +128,7 @@ def read_sample_columns(path: Path) -> list[str]:
     header, _ = read_csv_rows(path)
     if not header or header[0] != "ID":
         raise CarclfError(f"'{path}' must start with an 'ID' column (found: {', '.join(header[:3])})")
+    repeated = sorted({c for c in header[1:] if header.count(c) > 1})
+    if repeated:
+        raise CarclfError(f"'{path}' repeats column(s) {', '.join(repeated[:5])}: each class must appear once")
     return header[1:]

@@ -22,15 +22,17 @@ def data_fingerprint(relpaths: list[str], labels: list[int], groups: list[int] |
     return h.hexdigest()[:10]
 
 
-def check_fold_counts(classes: list[str], labels: list[int], n_folds: int) -> None:
-    counts = np.bincount(np.asarray(labels), minlength=len(classes))
+def check_fold_counts(classes: list[str], labels: list[int], n_folds: int, counted: str = "images") -> None:
+    """Every class needs at least one unit (photo, or duplicate group) per fold, or some fold cannot learn it."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes))
     small = [(classes[i], int(c)) for i, c in enumerate(counts) if c < n_folds]
     if small:
         listed = ", ".join(f"'{n}' ({c})" for n, c in small[:5])
+        fewest = min(c for _, c in small)
+        fix = f"use fewer folds (data.n_folds={fewest}), " if fewest >= 2 else ""
         raise CarclfError(
-            f"{len(small)} class(es) have fewer images than the {n_folds} folds: {listed}. "
-            f"Use fewer folds (data.n_folds={max(2, min(c for _, c in small))}), add photos, "
-            "or merge the class with the model it duplicates."
+            f"{len(small)} class(es) have fewer {counted} than the {n_folds} folds: {listed}. "
+            f"{fix}add photos, or merge the class with the model it duplicates (merges.yaml)."
         )
 
 

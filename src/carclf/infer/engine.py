@@ -10,6 +10,22 @@ from torch.utils.data import DataLoader
 from carclf.train.runtime import autocast
 
 
+def batch_logits(
+    model: nn.Module, x: torch.Tensor, device: torch.device, tta_hflip: bool = False,
+    amp: torch.dtype | None = None, channels_last: bool = False,
+) -> torch.Tensor:
+    """Float32 logits of one batch; with ``tta_hflip`` the mean of the photo's and its mirror image's logits
+    (in logit space, so a temperature fitted on these logits applies unchanged)."""
+    x = x.to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(device, amp):
+        logits = model(x).float()
+        if tta_hflip:
+            logits = (logits + model(torch.flip(x, dims=[3])).float()) / 2
+    return logits
+
+
 @torch.inference_mode()
 def infer_logits(
     model: nn.Module,
@@ -20,8 +36,7 @@ def infer_logits(
     channels_last: bool = False,
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Return (logits, dataset indices, ok mask). With ``tta_hflip`` the logits of each photo and its mirror image
-    are averaged (in logit space, so temperature scaling fitted on these logits applies unchanged)."""
+    """Return (logits, dataset indices, ok mask) over ``loader``; see :func:`batch_logits` for ``tta_hflip``."""
     model.eval()
     out, idx, oks = [], [], []
     batches = loader
@@ -30,14 +45,7 @@ def infer_logits(
 
         batches = tqdm(loader, desc="predict", leave=False, dynamic_ncols=True, disable=None)
     for x, _, i, ok in batches:
-        x = x.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp):
-            logits = model(x).float()
-            if tta_hflip:
-                logits = (logits + model(torch.flip(x, dims=[3])).float()) / 2
-        out.append(logits.cpu())
+        out.append(batch_logits(model, x, device, tta_hflip, amp, channels_last).cpu())
         idx.append(i)
         oks.append(ok)
     if not out:

