@@ -27,6 +27,7 @@ def test_real_photos_train_and_calibrate(tmp_path):
     run = train(cfg, log=lambda s: None)
     with np.load(run / "fold0" / "oof.npz") as z:
         logits, labels = z["logits"], z["labels"]
-    assert logits.shape[1] == 4 and len(labels) > 40
+    assert logits.shape[1] == 4
+    assert len(labels) > 40
     assert (logits.argmax(1) == labels).mean() > 0.25  # better than chance after one epoch on real photos
     assert calibrate_run(run)[0]["nll_after"] <= calibrate_run(run)[0]["nll_before"]

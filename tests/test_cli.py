@@ -16,7 +16,8 @@ def test_cli_end_to_end(synth_data, tmp_path, capsys):
     assert main(["train", *over]) == 0
     assert main(["calibrate", str(tmp_path / "t")]) == 0
     out = capsys.readouterr().out
-    assert "temperature" in out and "nll_after" in out
+    assert "temperature" in out
+    assert "nll_after" in out
     sub = tmp_path / "submission.csv"
     assert main(["predict", str(tmp_path / "t"), "--data", str(synth_data), "-o", str(sub)]) == 0
     with sub.open(encoding="utf-8") as fh:
@@ -29,14 +30,16 @@ def test_cli_end_to_end(synth_data, tmp_path, capsys):
     np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-6)
     assert main(["evaluate", str(tmp_path / "t")]) == 0
     table = capsys.readouterr().out
-    assert "log_loss" in table and "all" in table
+    assert "log_loss" in table
+    assert "all" in table
     assert (tmp_path / "t" / "evaluation.json").is_file()
 
 
 def test_cli_errors_are_one_line_without_traceback(synth_data, tmp_path, capsys):
     assert main(["train", *tiny_overrides(synth_data, tmp_path), "train.lrr=1"]) == 2
     err = capsys.readouterr().err
-    assert "unknown config key 'train.lrr'" in err and "Traceback" not in err
+    assert "unknown config key 'train.lrr'" in err
+    assert "Traceback" not in err
     assert main(["evaluate", str(tmp_path / "nothing")]) == 2
     assert "not a carclf run directory" in capsys.readouterr().err
 
@@ -57,13 +60,14 @@ def test_predict_bad_inputs(synth_data, tmp_path, capsys):
         csv.writer(fh).writerows(rows)
     assert main(["predict", run, "--data", str(data), "-o", str(tmp_path / "s.csv")]) == 2
     err = capsys.readouterr().err
-    assert "모르는_차종_2024" in err and dropped in err
+    assert "모르는_차종_2024" in err
+    assert dropped in err
     shutil.copyfile(synth_data / "sample_submission.csv", data / "sample_submission.csv")
     # a test ID whose image is missing
     first = sorted((data / "test").iterdir())[0]
     first.unlink()
     assert main(["predict", run, "--data", str(data), "-o", str(tmp_path / "s.csv")]) == 2
-    assert f"1 of" in capsys.readouterr().err
+    assert "1 of" in capsys.readouterr().err
     # an undecodable test photo: listed, its row filled, the file still complete
     shutil.copyfile(synth_data / "test" / first.name, first)
     second = sorted((data / "test").iterdir())[1]

@@ -14,7 +14,8 @@ def test_demo_runs_every_step_and_refuses_to_clobber(tmp_path, capsys):
     out = capsys.readouterr().out
     for name in ("submission.csv", "runs/demo/evaluation.json", "runs/demo/fold2/calibration.json"):
         assert (tmp_path / "demo" / name).is_file(), name
-    assert "test_log_loss" in out and "files:" in out
+    assert "test_log_loss" in out
+    assert "files:" in out
     assert summary["oof_log_loss_calibrated"] <= summary["oof_log_loss_raw"] + 1e-9
     assert 0 <= summary["test_accuracy"] <= 1
     with pytest.raises(CarclfError, match="already holds a demo"):

@@ -19,7 +19,9 @@ def test_modes_are_converted_to_rgb(tmp_path):
     assert load_rgb(tmp_path / "a.png").getpixel((0, 0)) == (255, 255, 255)  # transparent -> white, not black
     Image.new("CMYK", (4, 4), (0, 255, 255, 0)).save(tmp_path / "c.jpg")
     r, g, b = load_rgb(tmp_path / "c.jpg").getpixel((0, 0))
-    assert r > 200 and g < 60 and b < 60
+    assert r > 200
+    assert g < 60
+    assert b < 60
     grey16 = Image.fromarray(np.full((4, 4), 65535 // 2, dtype=np.uint16))
     grey16.save(tmp_path / "g.png")
     assert abs(load_rgb(tmp_path / "g.png").getpixel((0, 0))[0] - 127) <= 1

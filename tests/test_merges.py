@@ -54,7 +54,8 @@ def test_merges_flow_from_training_to_submission_columns(synth_data, tmp_path):
     import json
 
     meta = json.loads((tmp_path / "t" / "run.json").read_text(encoding="utf-8"))
-    assert len(meta["classes"]) == len(columns) - 1 and b not in meta["classes"]
+    assert len(meta["classes"]) == len(columns) - 1
+    assert b not in meta["classes"]
     sub = tmp_path / "s.csv"
     assert main(["predict", str(tmp_path / "t"), "--data", str(data), "-o", str(sub)]) == 0
     with sub.open(encoding="utf-8") as fh:

@@ -47,7 +47,8 @@ def test_saved_split_is_reused_and_renewed_when_data_changes(tmp_path):
     assert 9 in again
     grown = _trainset(tmp_path, [6, 7, 9])
     new, path3 = load_or_make_folds(grown, 3, 0, tmp_path / "prep")
-    assert path3 != path and 9 not in new
+    assert path3 != path
+    assert 9 not in new
 
 
 def test_class_smaller_than_folds_says_how_to_fix(tmp_path):

@@ -33,7 +33,8 @@ def test_nfd_sample_columns_match_nfc_classes(tmp_path):
 
 
 def test_column_mismatch_names_missing_and_extra():
-    with pytest.raises(CarclfError, match=r"1 column\(s\) the model does not know \(C\).*1 trained class\(es\) with no column \(B\)"):
+    expected = r"1 column\(s\) the model does not know \(C\).*1 trained class\(es\) with no column \(B\)"
+    with pytest.raises(CarclfError, match=expected):
         align_columns(np.ones((1, 2)) / 2, ["A", "B"], ["A", "C"])
 
 

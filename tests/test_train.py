@@ -30,7 +30,8 @@ def test_short_training_lowers_the_loss_and_writes_the_fold_artefacts(synth_data
     for name in ("best.pt", "last.pt", "metrics.csv", "oof.npz", "summary.json"):
         assert (fold / name).is_file(), name
     assert not (run / "fold1").exists()  # train.folds defaults to fold 0 only
-    assert (run / "config.yaml").is_file() and (run / "folds.csv").is_file()
+    assert (run / "config.yaml").is_file()
+    assert (run / "folds.csv").is_file()
     import numpy as np
 
     with np.load(fold / "oof.npz") as z:
@@ -125,7 +126,8 @@ def test_photo_that_breaks_mid_epoch_is_listed_not_fatal(synth_data, tmp_path, m
 
     monkeypatch.setattr(loop, "run_prepare", prepare_then_corrupt)
     run = train(cfg, log=lambda s: None)
-    assert (run / "fold0" / "oof.npz").is_file() and (run / "fold1" / "oof.npz").is_file()
+    assert (run / "fold0" / "oof.npz").is_file()
+    assert (run / "fold1" / "oof.npz").is_file()
     with (run / "skipped.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert (str(victim), "failed to decode during training") in [(r["path"], r["reason"]) for r in rows]

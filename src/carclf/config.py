@@ -5,6 +5,7 @@ Unknown keys fail loudly with a suggestion, so a typo never silently trains the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import typing
@@ -167,10 +168,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = raw
     if isinstance(value, str):
-        try:  # YAML 1.1 reads 3e-4 as a string; users mean a number
+        with contextlib.suppress(ValueError):  # YAML 1.1 reads 3e-4 as a string; users mean a number
             value = float(value)
-        except ValueError:
-            pass
     return key.strip(), RawOverride(value, raw.strip())
 
 

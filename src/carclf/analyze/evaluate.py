@@ -22,7 +22,7 @@ def evaluate_run(run_dir: Path | str) -> list[dict]:
     for d in fold_dirs(Path(run_dir)):
         _, labels, logits = load_oof(d)
         with np.load(d / "oof.npz") as z:
-            original = z["original_labels"] if "original_labels" in z else None
+            original = z.get("original_labels", None)
         t = read_temperature(d)
         raw, cal = softmax(logits), softmax(logits, t)
         rows.append(_row(str(fold_number(d)), t, raw, cal, labels, merge, original))

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from carclf.errors import CarclfError
 from carclf.io import atomic_write_text
 
-
 # A model no better than chance drives T to infinity; bound it so a broken fold stays visible, not hidden.
 T_MIN, T_MAX = 0.05, 20.0
 

