@@ -56,4 +56,4 @@ class ImageDataset(Dataset):
                     except Exception:  # noqa: BLE001,S112
                         continue
             shape = self._shape or (3, self.target, self.target)
-            return torch.zeros(shape), self.labels[i], i, False
+            return torch.zeros(shape, dtype=torch.uint8), self.labels[i], i, False

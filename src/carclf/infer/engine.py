@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import nn
@@ -11,12 +13,12 @@ from carclf.train.runtime import autocast
 
 
 def batch_logits(
-    model: nn.Module, x: torch.Tensor, device: torch.device, tta_hflip: bool = False,
+    model: nn.Module, x: torch.Tensor, device: torch.device, normalize: Callable, tta_hflip: bool = False,
     amp: torch.dtype | None = None, channels_last: bool = False,
 ) -> torch.Tensor:
-    """Float32 logits of one batch; with ``tta_hflip`` the mean of the photo's and its mirror image's logits
+    """Float32 logits of one uint8 batch; with ``tta_hflip`` the mean of the photo's and its mirror image's logits
     (in logit space, so a temperature fitted on these logits applies unchanged)."""
-    x = x.to(device, non_blocking=True)
+    x = normalize(x.to(device, non_blocking=True))
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast(device, amp):
@@ -31,6 +33,7 @@ def infer_logits(
     model: nn.Module,
     loader: DataLoader,
     device: torch.device,
+    normalize: Callable,
     tta_hflip: bool = False,
     amp: torch.dtype | None = None,
     channels_last: bool = False,
@@ -45,7 +48,7 @@ def infer_logits(
 
         batches = tqdm(loader, desc="predict", leave=False, dynamic_ncols=True, disable=None)
     for x, _, i, ok in batches:
-        out.append(batch_logits(model, x, device, tta_hflip, amp, channels_last).cpu())
+        out.append(batch_logits(model, x, device, normalize, tta_hflip, amp, channels_last).cpu())
         idx.append(i)
         oks.append(ok)
     if not out:

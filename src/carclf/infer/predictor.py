@@ -14,7 +14,7 @@ from carclf.config import read_config
 from carclf.data.dataset import ImageDataset
 from carclf.data.imageio import to_rgb
 from carclf.data.merges import MergeMap, identity
-from carclf.data.transforms import data_config_for, eval_transform
+from carclf.data.transforms import batch_normalize, data_config_for, eval_transform
 from carclf.errors import CarclfError
 from carclf.infer.engine import batch_logits
 from carclf.models.factory import load_fold_model
@@ -51,6 +51,7 @@ class Predictor:
         self.models = [load_fold_model(self.cfg, d / "best.pt", len(self.classes), self.device) for d in dirs]
         self.data_config = data_config_for(self.cfg)
         self.transform = eval_transform(self.data_config)
+        self.normalize = batch_normalize(self.data_config)
         self.amp = amp_dtype(self.cfg.train.amp, self.device)
 
     @property
@@ -72,7 +73,7 @@ class Predictor:
         for x, _, i, ok in loader:
             p = 0.0
             for model, t in zip(self.models, self.temperatures, strict=True):
-                logits = batch_logits(model, x, self.device, self.cfg.predict.tta_hflip, self.amp,
+                logits = batch_logits(model, x, self.device, self.normalize, self.cfg.predict.tta_hflip, self.amp,
                                       self.cfg.train.channels_last)
                 p = p + torch.softmax(logits.double() / t, dim=1).cpu().numpy()
             probs.append(p / len(self.models))

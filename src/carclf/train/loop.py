@@ -27,7 +27,7 @@ from carclf.data.dataset import ImageDataset
 from carclf.data.merges import MergeMap, build_merge_map, identity, read_merges
 from carclf.data.scan import TrainSet, scan_train
 from carclf.data.splits import check_fold_counts, load_or_make_folds, parse_folds
-from carclf.data.transforms import data_config_for, eval_transform, train_transform
+from carclf.data.transforms import batch_normalize, data_config_for, eval_transform, train_transform
 from carclf.errors import CarclfError
 from carclf.infer.engine import infer_logits
 from carclf.io import atomic_savez, atomic_torch_save, atomic_write_text
@@ -42,7 +42,7 @@ RESUMABLE_KEYS = {("train", "folds"), ("train", "device"), ("train", "threads"),
 
 
 def prepare_dir(cfg: Config) -> Path:
-    """Data-level artefacts (folds, decode checks) shared by every run on the same data."""
+    """Data-level artefacts (manifest, duplicate groups, folds) shared by every run on the same data."""
     return Path(cfg.out_dir) / "prepare" / Path(cfg.data.root).resolve().name
 
 
@@ -228,15 +228,6 @@ def train(
     return run_dir
 
 
-def _lower_priority(_worker_id: int) -> None:
-    """On a CPU-only machine the decode workers share cores with the compute threads. An intra-op parallel region
-    waits for its slowest thread, so a worker that preempts one compute thread stalls them all; at lower priority
-    the worker fills idle moments instead (the prefetch queue absorbs the delay)."""
-    import os
-
-    os.nice(5)
-
-
 def _loader(ds: ImageDataset, cfg: Config, shuffle: bool, seed: int, batch_size: int | None = None) -> DataLoader:
     gen = torch.Generator().manual_seed(seed)
     workers = cfg.data.num_workers
@@ -252,7 +243,6 @@ def _loader(ds: ImageDataset, cfg: Config, shuffle: bool, seed: int, batch_size:
         # Workers are re-created each epoch and seeded from `gen`, so augmentation is reproducible on resume.
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
-        worker_init_fn=_lower_priority if workers and on_cpu else None,
     )
 
 
@@ -293,9 +283,15 @@ def build_fold(cfg: Config, n_classes: int, steps_per_epoch: int, device: torch.
     else:
         mixup = None
         criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+    erasing = None
+    if cfg.aug.re_prob > 0:  # on the normalised batch, as timm's prefetcher does
+        from timm.data.random_erasing import RandomErasing
+
+        erasing = RandomErasing(cfg.aug.re_prob, mode="pixel", device=device.type)
     return {
         "model": model, "ema": ema, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler,
-        "criterion": criterion, "mixup": mixup, "amp": dtype,
+        "criterion": criterion, "mixup": mixup, "amp": dtype, "erasing": erasing,
+        "normalize": batch_normalize(data_config_for(cfg)),
     }
 
 
@@ -318,7 +314,9 @@ def train_one_epoch(parts: dict, loader: DataLoader, cfg: Config, device: torch.
     for x, y, idx, ok in bar:
         wait += time.perf_counter() - tick
         bad.extend(idx[~ok].tolist())
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = parts["normalize"](x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+        if parts["erasing"] is not None:
+            x = parts["erasing"](x)
         if cl:
             x = x.contiguous(memory_format=torch.channels_last)
         if mixup is not None:
@@ -442,7 +440,7 @@ def train_fold(
         )
         bad.extend(int(tr_idx[i]) for i in new_bad)
         logits, order, ok = infer_logits(
-            _eval_model(parts), _loader(val_ds, cfg, False, 0, cfg.predict.batch_size), device,
+            _eval_model(parts), _loader(val_ds, cfg, False, 0, cfg.predict.batch_size), device, parts["normalize"],
             amp=parts["amp"], channels_last=cl,
         )
         bad.extend(int(va_idx[i]) for i in order[~ok])
@@ -494,7 +492,7 @@ def write_oof(
     score in the submission's columns too."""
     model = load_fold_model(cfg, fold_dir / "best.pt", len(data.classes), device)
     logits, order, ok = infer_logits(
-        model, _loader(val_ds, cfg, False, 0, cfg.predict.batch_size), device,
+        model, _loader(val_ds, cfg, False, 0, cfg.predict.batch_size), device, batch_normalize(data_config_for(cfg)),
         tta_hflip=cfg.predict.tta_hflip, amp=amp_dtype(cfg.train.amp, device), channels_last=cfg.train.channels_last,
     )
     by_index = np.argsort(order)  # loader order -> dataset order (the loader does not shuffle; stay safe anyway)
