@@ -28,6 +28,18 @@ def test_cli_end_to_end(synth_data, tmp_path, capsys):
     assert [r[0] for r in rows[1:]] == [r[0] for r in sample[1:]]
     p = np.array([[float(v) for v in r[1:]] for r in rows[1:]])
     np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-6)
+    # The serving path (images in memory) and the batch path (files) give the same probabilities.
+    from PIL import Image
+
+    from carclf.infer.predictor import Predictor
+
+    predictor = Predictor(tmp_path / "t")
+    photo = sorted((synth_data / "test").iterdir())[0]
+    from_file, bad = predictor.predict_paths([photo])
+    with Image.open(photo) as img:
+        from_memory = predictor.predict_images([img])
+    assert not bad
+    np.testing.assert_allclose(from_memory, from_file, atol=1e-6)
     assert main(["evaluate", str(tmp_path / "t")]) == 0
     table = capsys.readouterr().out
     assert "log_loss" in table

@@ -51,6 +51,7 @@ class ModelConfig:
 class AugConfig:
     scale_min: float = 0.35  # RandomResizedCrop lower area bound
     hflip: float = 0.5
+    interpolation: str = "bilinear"  # RandomResizedCrop resampling in training: bilinear costs half of bicubic
     auto_augment: str = "rand-m7-mstd0.5-inc1"  # timm RandAugment spec; "" disables
     re_prob: float = 0.0  # RandomErasing (Cutout) probability
     mixup: float = 0.0  # mixup alpha; 0 disables
@@ -207,6 +208,7 @@ def validate(cfg: Config) -> None:
         (cfg.data.draft_factor >= 1, "data.draft_factor must be at least 1 (1: decode at the smallest size >= input)"),
         (cfg.model.freeze >= 0, "model.freeze must be 0 or more"),
         (0 <= cfg.aug.hflip <= 1, "aug.hflip must be in [0, 1]"),
+        (cfg.aug.interpolation in {"bilinear", "bicubic", "random"}, "aug.interpolation: bilinear, bicubic or random"),
         (0 <= cfg.aug.re_prob <= 1, "aug.re_prob must be in [0, 1]"),
         (cfg.aug.mixup >= 0 and cfg.aug.cutmix >= 0, "aug.mixup and aug.cutmix must be 0 (off) or positive"),
         (cfg.train.warmup_epochs >= 0, "train.warmup_epochs must be 0 or more"),
