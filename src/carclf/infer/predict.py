@@ -37,6 +37,7 @@ def predict_run(
         f"hflip TTA {'on' if predictor.cfg.predict.tta_hflip else 'off'}, "
         f"temperatures {', '.join(f'{t:.3f}' for t in predictor.temperatures)}"
         + ("" if predictor.calibrated else " (not calibrated: run carclf calibrate first for better log loss)")
+        + (" (some folds not calibrated: run carclf calibrate again)" if predictor.partly_calibrated else "")
     )
     # Check the columns before the slow part too; write_submission checks again on the real matrix.
     align_columns(np.zeros((1, len(predictor.output_classes))), predictor.output_classes, columns)

@@ -1,4 +1,5 @@
-"""``Predictor``: the one way to turn images into calibrated probabilities. predict, serve and export use it."""
+"""``Predictor``: the one way to turn images into calibrated probabilities (``predict`` and the demo use it; serving
+and export are to go through it too, so training-time and serving-time preprocessing cannot drift apart)."""
 
 from __future__ import annotations
 
