@@ -35,3 +35,23 @@ def test_exif_orientation_is_applied(tmp_path):
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display
     img.save(tmp_path / "r.jpg", exif=exif)
     assert load_rgb(tmp_path / "r.jpg").size == (20, 40)
+
+
+def test_dataset_applies_the_configured_pixel_limit(tmp_path):
+    import torch
+
+    from carclf.data.dataset import ImageDataset
+
+    Image.new("RGB", (100, 100)).save(tmp_path / "a.png")
+
+    def tf(img):
+        return torch.zeros(3, 4, 4, dtype=torch.uint8)
+
+    original = Image.MAX_IMAGE_PIXELS
+    try:
+        strict = ImageDataset([tmp_path / "a.png"], [0], tf, 4, max_pixels=100)  # 10,000 px > 2 x 100: refused
+        assert strict[0][3] is False
+        relaxed = ImageDataset([tmp_path / "a.png"], [0], tf, 4, max_pixels=0)  # 0: no limit
+        assert relaxed[0][3] is True
+    finally:
+        Image.MAX_IMAGE_PIXELS = original

@@ -27,6 +27,7 @@ class ImageDataset(Dataset):
         target: int,
         draft_factor: float = 2.0,
         substitute: bool = False,
+        max_pixels: int | None = None,
     ) -> None:
         self.paths = list(paths)
         self.labels = list(labels) if labels is not None else [-1] * len(self.paths)
@@ -34,12 +35,17 @@ class ImageDataset(Dataset):
         self.target = target
         self.draft_factor = draft_factor
         self.substitute = substitute
+        self.max_pixels = max_pixels  # data.max_pixels (0: no limit); None keeps Pillow's own guard
         self._shape: tuple[int, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def _load(self, i: int) -> torch.Tensor:
+        if self.max_pixels is not None:  # per call: worker processes do not share the parent's module state
+            from PIL import Image
+
+            Image.MAX_IMAGE_PIXELS = self.max_pixels or None
         x = self.transform(load_rgb(self.paths[i], self.target, self.draft_factor))
         self._shape = tuple(x.shape)
         return x

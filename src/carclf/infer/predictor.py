@@ -88,7 +88,8 @@ class Predictor:
 
         A failed photo gets the mean prediction of the others (the class prior the model sees), never a crash."""
         size = self.data_config["input_size"][-1]
-        ds = ImageDataset(paths, None, self.transform, size, self.cfg.data.draft_factor)
+        ds = ImageDataset(paths, None, self.transform, size, self.cfg.data.draft_factor,
+                          max_pixels=self.cfg.data.max_pixels)
         workers = self.cfg.data.num_workers if num_workers is None else num_workers
         loader = DataLoader(ds, batch_size=self.cfg.predict.batch_size, num_workers=workers)
         probs, ok = self._probs(loader, progress)

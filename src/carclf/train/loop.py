@@ -399,9 +399,13 @@ def train_fold(
     size = dcfg["input_size"][-1]
     paths, labels = np.array(ts.paths, dtype=object), data.labels
     train_ds = ImageDataset(
-        paths[tr_idx], labels[tr_idx], train_transform(dcfg, cfg.aug), size, cfg.data.draft_factor, substitute=True
+        paths[tr_idx], labels[tr_idx], train_transform(dcfg, cfg.aug), size, cfg.data.draft_factor, substitute=True,
+        max_pixels=cfg.data.max_pixels,
     )
-    val_ds = ImageDataset(paths[va_idx], labels[va_idx], eval_transform(dcfg), size, cfg.data.draft_factor)
+    val_ds = ImageDataset(
+        paths[va_idx], labels[va_idx], eval_transform(dcfg), size, cfg.data.draft_factor,
+        max_pixels=cfg.data.max_pixels,
+    )
     bs = min(cfg.data.batch_size, len(train_ds))
     steps = len(train_ds) // bs if len(train_ds) > bs else 1
     seed_everything(t.seed * 1000 + k)
