@@ -37,17 +37,11 @@ def infer_logits(
     tta_hflip: bool = False,
     amp: torch.dtype | None = None,
     channels_last: bool = False,
-    progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Return (logits, dataset indices, ok mask) over ``loader``; see :func:`batch_logits` for ``tta_hflip``."""
     model.eval()
     out, idx, oks = [], [], []
-    batches = loader
-    if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(loader, desc="predict", leave=False, dynamic_ncols=True, disable=None)
-    for x, _, i, ok in batches:
+    for x, _, i, ok in loader:
         out.append(batch_logits(model, x, device, normalize, tta_hflip, amp, channels_last).cpu())
         idx.append(i)
         oks.append(ok)

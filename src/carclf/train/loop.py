@@ -88,6 +88,11 @@ def open_run_dir(cfg: Config, overwrite: bool) -> Path:
     return run_dir
 
 
+def usable_mask(trainset: TrainSet, bad: dict[str, str]) -> np.ndarray:
+    """True for the photos training may use (not quarantined, not a left-out copy or conflict)."""
+    return np.array([str(p) not in bad for p in trainset.paths], dtype=bool)
+
+
 @dataclass
 class RunData:
     """Everything a fold needs to know about the data, computed once per ``train`` call."""
@@ -108,7 +113,7 @@ class RunData:
         return self.merge.label_map[np.asarray(self.trainset.labels)]
 
     def usable(self) -> np.ndarray:
-        return np.array([str(p) not in self.bad for p in self.trainset.paths], dtype=bool)
+        return usable_mask(self.trainset, self.bad)
 
     def split(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         good = self.usable()
@@ -150,7 +155,7 @@ def load_run_data(cfg: Config, log: Callable[[str], None] = print) -> RunData:
     }
     groups = [prepared.group_of[key] for key in keys] if cfg.data.fold_policy == "group" else None
     # Count what training can use, per model class (after merges): copies and bad files do not help a fold.
-    usable = np.array([str(p) not in bad for p in trainset.paths], dtype=bool)
+    usable = usable_mask(trainset, bad)
     labels = merge.label_map[np.asarray(trainset.labels)]
     per_class_units = labels[usable] if groups is None else labels[usable][
         np.unique(np.asarray(groups)[usable], return_index=True)[1]
