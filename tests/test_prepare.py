@@ -18,7 +18,7 @@ from carclf.data import manifest as manifest_mod
 from carclf.data.manifest import probe_file
 from carclf.data.names import class_aliases
 from carclf.data.prepare import load_prepared, prepare
-from carclf.data.synth import SynthSpec, make_dataset
+from carclf.demo.synth import SynthSpec, make_dataset
 from carclf.errors import CarclfError
 
 UNREADABLE = "unreadable.jpg"
@@ -73,7 +73,7 @@ def build(root: Path) -> dict:
     (bad / "cycle").symlink_to(".", target_is_directory=True)
     Image.new("1", (10_000, 10_000)).save(bad / "bomb.png")  # 100 MP, ~13 kB on disk
     _blob(99, (64, 48)).save(bad / UNREADABLE)
-    (bad / ".DS_Store").write_bytes(b"\0junk")  # hidden: not listed
+    (bad / ".DS_Store").write_bytes(b"\0junk")  # an OS leftover: listed in manifest.csv as ignored, nowhere else
     plant["bad"] = {
         "zero.jpg": "zero-byte", "truncated.jpg": "truncated", "text.jpg": "text", "notes.txt": "unsupported file type",
         "phone.jpg": "HEIC", "loop.jpg": "symlink loop", "cycle": "folder inside a class folder",
@@ -126,7 +126,9 @@ def test_manifest_paths_are_nfc_and_complete(planted):
     on_disk = (root / "manifest.csv").exists()
     assert not on_disk  # artefacts go to out_dir, never into DATA
     rows = _read_csv(p.dir / "manifest.csv")
-    assert [r["path"] for r in rows] == paths
+    assert [r["path"] for r in rows if r["status"] != "ignored"] == paths
+    assert [(r["path"], r["split"]) for r in rows if r["status"] == "ignored"] == \
+        [(_t(plant["a"], ".DS_Store"), "ignored")]
 
 
 def test_every_bad_file_is_listed_with_its_reason_and_nothing_else(planted):
@@ -263,6 +265,70 @@ def test_incremental_rereads_only_changed_and_bad_files(planted, tmp_path, monke
     assert third.summary["n_reused"] == len(third.manifest) - len(read)
     row = next(r for r in third.manifest if r["path"] == _t(plant["b"], "0004.jpg"))
     assert (row["width"], row["height"]) == (90, 70)
+
+
+APPLEDOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00" + b"Mac OS X        " + b"\0" * 58  # a ._ resource fork
+
+
+def plant_leftovers(data: Path) -> set[str]:
+    """What a macOS zip (and a Windows folder view) leave in the data set; returns their manifest paths."""
+    a, b = sorted(p.name for p in (data / "train").iterdir())[:2]
+    (data / "train" / "__MACOSX" / a).mkdir(parents=True)
+    (data / "train" / "__MACOSX" / a / "._0000.jpg").write_bytes(APPLEDOUBLE)
+    (data / "train" / a / ".DS_Store").write_bytes(b"\0\0\0\1Bud1" + b"\0" * 32)
+    (data / "train" / a / "._0001.jpg").write_bytes(APPLEDOUBLE)
+    (data / "train" / a / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + b"\0" * 32)
+    (data / "train" / b / "DESKTOP.INI").write_text("[.ShellClassInfo]\n")
+    (data / "test" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (data / "test" / "__MACOSX").mkdir()
+    (data / "test" / "__MACOSX" / "x").write_bytes(APPLEDOUBLE)
+    a, b = unicodedata.normalize("NFC", a), unicodedata.normalize("NFC", b)
+    return {"train/__MACOSX", _t(a, ".DS_Store"), _t(a, "._0001.jpg"), _t(a, "Thumbs.db"), _t(b, "DESKTOP.INI"),
+            "test/.DS_Store", "test/__MACOSX"}
+
+
+def test_os_and_zip_leftovers_are_listed_as_ignored_and_otherwise_absent(tmp_path_factory, tmp_path):
+    clean = tmp_path_factory.mktemp("clean") / "data"
+    make_dataset(clean, SynthSpec(n_classes=4, train_per_class=6, test_per_class=2, size=(96, 64), seed=3))
+    data = tmp_path / "data"
+    shutil.copytree(clean, data)
+    leftovers = plant_leftovers(data)
+    base = prepare(clean, tmp_path / "clean-prep", workers=1, log=lambda s: None)
+    p = prepare(data, tmp_path / "prep", workers=1, log=lambda s: None)
+
+    assert p.classes == base.classes
+    assert [r["path"] for r in p.manifest] == [r["path"] for r in base.manifest]  # Prepared.manifest: absent
+    assert (p.excluded, p.group_of) == (base.excluded, base.group_of)
+    assert [[m.path for m in g.members] for g in p.groups] == [[m.path for m in g.members] for g in base.groups]
+    counts, base_counts = dict(p.summary["counts"]), dict(base.summary["counts"])
+    assert (counts.pop("ignored"), base_counts.pop("ignored")) == (len(leftovers), 0)
+    assert counts == base_counts  # files, bad, used, ...: as if the leftovers were not there
+    assert counts["bad"] == 0
+    quarantine = _read_csv(p.dir / "quarantine.csv")
+    assert quarantine == _read_csv(base.dir / "quarantine.csv")
+    assert not {r["path"] for r in quarantine} & leftovers
+    assert (p.dir / "classes.csv").read_bytes() == (base.dir / "classes.csv").read_bytes()
+
+    rows = _read_csv(p.dir / "manifest.csv")
+    ignored = {r["path"]: r for r in rows if r["status"] == "ignored"}
+    assert set(ignored) == leftovers
+    for r in ignored.values():
+        assert (r["split"], r["class"], r["group"], r["excluded"]) == ("ignored", "", "", "")
+        assert r["error"].endswith(", ignored")
+    assert "macOS zip leftover (__MACOSX)" in ignored["train/__MACOSX"]["error"]
+    assert "Windows thumbnail cache" in next(r["error"] for k, r in ignored.items() if k.endswith("Thumbs.db"))
+    assert [r for r in rows if r["status"] != "ignored"] == _read_csv(base.dir / "manifest.csv")
+
+    q = load_prepared(p.dir)
+    assert q.manifest == p.manifest
+    assert (q.excluded, q.group_of) == (p.excluded, p.group_of)
+
+    again = prepare(data, tmp_path / "prep", workers=1, log=lambda s: None)  # incremental: reuses manifest rows
+    assert again.summary["n_probed"] == 0
+    assert again.manifest == p.manifest
+    assert (again.excluded, again.group_of) == (p.excluded, p.group_of)
+    assert _read_csv(p.dir / "manifest.csv") == rows
+    assert again.summary["counts"] == p.summary["counts"]
 
 
 def test_bomb_guard_override_and_warning_band(tmp_path):

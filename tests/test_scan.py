@@ -1,8 +1,9 @@
+import shutil
 import unicodedata
 
 import pytest
 
-from carclf.data.scan import read_sample_columns, scan_test, scan_train
+from carclf.data.scan import os_leftover, read_sample_columns, scan_test, scan_train
 from carclf.errors import CarclfError
 
 
@@ -73,3 +74,37 @@ def test_bad_csvs(tmp_path):
     (tmp_path / "s.csv").write_bytes(b"\xff\xfe\x00garbage\x81\xff")
     with pytest.raises(CarclfError, match="neither UTF-8 nor CP949"):
         read_sample_columns(tmp_path / "s.csv")
+
+
+def test_os_leftover_names():
+    for name in ("__MACOSX", "__macosx", ".DS_Store", "._0001.jpg", ".hidden", "Thumbs.db", "THUMBS.DB", "desktop.ini",
+                 "Desktop.INI"):
+        assert os_leftover(name).endswith(", ignored"), name
+    assert "macOS zip leftover (__MACOSX)" in os_leftover("__MACOSX")
+    for name in ("0001.jpg", "__MACOSX_photos", "Thumbs.db.jpg", "my.DS_Store.jpg", "그랜저"):
+        assert os_leftover(name) == "", name
+
+
+def test_os_and_zip_leftovers_are_not_classes_or_photos(tmp_path):
+    from carclf.demo.synth import SynthSpec, make_dataset
+
+    clean = tmp_path / "clean"
+    make_dataset(clean, SynthSpec(n_classes=4, train_per_class=6, test_per_class=2, size=(96, 64), seed=3))
+    data = tmp_path / "data"
+    shutil.copytree(clean, data)
+    cls = sorted(p.name for p in (data / "train").iterdir())[0]
+    _touch_jpg(data / "train" / "__MACOSX" / cls / "._0000.jpg")  # decodable or not, never a photo
+    _touch_jpg(data / "train" / cls / "._0001.jpg")
+    (data / "train" / cls / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (data / "train" / cls / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (data / "test" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (data / "test" / "__MACOSX").mkdir()
+    (data / "test" / "__MACOSX" / "x").write_bytes(b"\0")
+    want, got = scan_train(clean), scan_train(data)
+    assert got.classes == want.classes
+    assert got.relpaths() == want.relpaths()
+    assert got.labels == want.labels
+    only_macosx = tmp_path / "only"
+    _touch_jpg(only_macosx / "train" / "__MACOSX" / "a" / "._1.jpg")
+    with pytest.raises(CarclfError, match="no class folders"):
+        scan_train(only_macosx)

@@ -54,3 +54,33 @@ def test_existing_submission_is_not_overwritten(tmp_path):
     assert out.read_text() == "mine"
     write_submission(out, ["T0"], np.array([[1.0]]), ["A"], ["A"], overwrite=True)
     assert _read(out)[1] == ["T0", "1"]
+
+
+@pytest.mark.parametrize("bom", [False, True])
+def test_header_is_the_samples_byte_for_byte(tmp_path, bom):
+    import unicodedata
+
+    from carclf.data.scan import read_sample_columns
+
+    nfd_a, nfd_b = (unicodedata.normalize("NFD", n) for n in ("쏘나타_DN8", "그랜저_6세대"))
+    assert nfd_a != "쏘나타_DN8"
+    header = f"ID,{nfd_a}, K5 ,{nfd_b}"  # macOS NFD Hangul, and a name with spaces around it
+    sample = tmp_path / "sample_submission.csv"
+    sample.write_bytes((header + "\nT0,0,0,0\nT1,0,0,0\n").encode("utf-8-sig" if bom else "utf-8"))
+    columns = read_sample_columns(sample)
+    assert columns == [nfd_a, " K5 ", nfd_b]  # as written, not normalised
+
+    classes = ["K5", "그랜저_6세대", "쏘나타_DN8"]  # carclf's NFC class names
+    probs = np.array([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]])
+    out = write_submission(tmp_path / "s.csv", ["T0", "T1"], probs, classes, columns)
+    sample_bytes = sample.read_bytes().removeprefix(b"\xef\xbb\xbf")
+    assert out.read_bytes().split(b"\n", 1)[0] == sample_bytes.split(b"\n", 1)[0]
+    assert out.read_text(encoding="utf-8").splitlines()[0] == sample.read_text(encoding="utf-8-sig").splitlines()[0]
+    got = np.array([[float(v) for v in r[1:]] for r in _read(out)[1:]])
+    np.testing.assert_allclose(got, probs[:, [2, 0, 1]], atol=1e-6)  # 쏘나타, K5, 그랜저
+
+
+def test_mismatch_names_the_columns_as_written(tmp_path):
+    expected = r"1 column\(s\) the model does not know \( Avante \).*1 trained class\(es\) with no column \(B\)"
+    with pytest.raises(CarclfError, match=expected):
+        write_submission(tmp_path / "s.csv", ["T0"], np.ones((1, 2)) / 2, ["A", "B"], [" A", " Avante "])

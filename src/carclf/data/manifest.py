@@ -4,7 +4,9 @@ Each file is read once, in parallel: byte SHA-1, a SHA-1 of the decoded (EXIF-or
 or re-saved copy with identical pixels still matches, a 64-bit perceptual hash (``imagehash.phash``) for near
 duplicates, the size, mode, format and EXIF orientation, and whether it decodes at all. Nothing is skipped silently:
 zero-byte, truncated, text-as-.jpg, unsupported, unreadable, symlink-loop and decompression-bomb files get
-``status="bad"`` and a reason in ``error``. ``width``/``height`` are as displayed (after EXIF rotation).
+``status="bad"`` and a reason in ``error``. ``width``/``height`` are as displayed (after EXIF rotation). OS and zip
+leftovers (``carclf.data.scan.os_leftover``: ``__MACOSX``, ``.DS_Store``, ``Thumbs.db``...) are not read: they come
+last, with ``split`` and ``status`` "ignored" and the reason in ``error``.
 
 Incremental: a file whose (path, size_bytes, mtime_ns) matches a readable row of the previous manifest is not read
 again. Bad rows are always re-checked (they are few and cheap, and a fixed permission does not change the mtime).
@@ -30,7 +32,7 @@ from pathlib import Path
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 from carclf.data.imageio import load_rgb
-from carclf.data.scan import IMAGE_EXTS, nfc, read_csv_rows, scan_train
+from carclf.data.scan import IMAGE_EXTS, column_key, nfc, os_leftover, read_csv_rows, scan_train
 from carclf.errors import CarclfError
 from carclf.io import atomic_write_text
 
@@ -42,6 +44,7 @@ _INT_COLUMNS = ("size_bytes", "mtime_ns", "width", "height", "exif_orientation")
 # Pillow's own default (MAX_IMAGE_PIXELS) is ~89.5 MP; a round 90 MP is the same guard, easier to quote.
 DEFAULT_MAX_PIXELS = 90_000_000
 EXT_LIST = ", ".join(sorted(IMAGE_EXTS))
+IGNORED = "ignored"  # split and status of an OS or zip leftover: listed, never read, counted or used
 
 
 @dataclass
@@ -49,7 +52,7 @@ class Entry:
     """A file to list: its manifest identity and where it is on disk."""
 
     path: str  # relative to DATA, posix, NFC
-    split: str  # "train" | "test"
+    split: str  # "train" | "test" | IGNORED
     cls: str  # NFC class name; "" for test
     id: str  # test ID; "" for train
     abspath: str  # on disk (folder and file names as they are, possibly NFD)
@@ -60,7 +63,8 @@ class Entry:
 
 
 def list_entries(data_root: Path | str) -> tuple[list[Entry], list[str]]:
-    """Every non-hidden entry of ``train/<class>/`` (sorted by class, then path) and every row of ``test.csv``.
+    """Every entry of ``train/<class>/`` (sorted by class, then path), every row of ``test.csv``, then the OS and
+    zip leftovers in ``train/``, its class folders and ``test/`` (split IGNORED, the reason in ``note``).
 
     Returns (entries, NFC class names in label order). Sub-folders of a class folder are listed (as bad) but never
     entered, so a directory symlink cycle cannot make this recurse. A missing ``test.csv`` means no test rows.
@@ -68,15 +72,17 @@ def list_entries(data_root: Path | str) -> tuple[list[Entry], list[str]]:
     root = Path(data_root)
     trainset = scan_train(root)  # validates the layout and merges NFD/NFC folder names
     entries: list[Entry] = []
+    ignored: list[Entry] = []
     train_dir = root / "train"
     for name in trainset.classes:
         folder = train_dir / trainset.folder_names[name]
         found: list[Entry] = []
         with os.scandir(folder) as it:
             for de in it:
-                if de.name.startswith("."):
-                    continue
                 rel = nfc(f"train/{name}/{de.name}")
+                if why := os_leftover(de.name):
+                    ignored.append(Entry(rel, IGNORED, "", "", de.path, why))
+                    continue
                 note = ""
                 try:
                     if de.is_dir():  # follows symlinks: a link to a folder is a folder here
@@ -87,11 +93,23 @@ def list_entries(data_root: Path | str) -> tuple[list[Entry], list[str]]:
         entries.extend(sorted(found, key=lambda e: e.path))
     with os.scandir(train_dir) as it:  # stray files beside the class folders are listed, not ignored
         for de in sorted(it, key=lambda d: d.name):
-            if not de.name.startswith(".") and not _is_dir(de.path):
+            if why := os_leftover(de.name):
+                ignored.append(Entry(nfc(f"train/{de.name}"), IGNORED, "", "", de.path, why))
+            elif not _is_dir(de.path):
                 note = "file directly in train/, outside any class folder: not used"
                 entries.append(Entry(nfc(f"train/{de.name}"), "train", "", "", de.path, note))
     entries.extend(_test_entries(root))
-    return entries, trainset.classes
+    listed = {e.path for e in entries}  # a leftover name that test.csv asks for is a test row, not ignored
+    try:
+        with os.scandir(root / "test") as it:
+            in_test = [(de.name, de.path) for de in it]
+    except OSError:  # no (readable) test/: no leftovers to list; the test.csv rows say what is missing
+        in_test = []
+    for name, path in in_test:
+        rel = nfc(f"test/{name}")
+        if (why := os_leftover(name)) and rel not in listed:
+            ignored.append(Entry(rel, IGNORED, "", "", path, why))
+    return entries + sorted(ignored, key=lambda e: e.path), trainset.classes
 
 
 def _is_dir(path: str) -> bool:
@@ -107,6 +125,7 @@ def _test_entries(root: Path) -> list[Entry]:
     if not csv_path.is_file():
         return []
     header, rows = read_csv_rows(csv_path)
+    header = [column_key(h) for h in header]
     for col in ("ID", "img_path"):
         if col not in header:
             raise CarclfError(f"'{csv_path}' has no '{col}' column (found: {', '.join(header)})")
@@ -276,7 +295,7 @@ def build_manifest(
     """List and read the data set. Returns (rows in COLUMNS order, class names, stats).
 
     ``previous`` is an earlier manifest; its readable rows are reused for unchanged files. ``workers=0`` uses every
-    core. ``stats`` holds ``n_probed``, ``n_reused``, ``probe_s`` and ``workers``.
+    core. ``stats`` holds ``n_probed``, ``n_reused``, ``probe_s`` and ``workers``; ignored leftovers are neither.
     """
     if max_pixels < 0:
         raise CarclfError(f"max_pixels must be >= 0 (0 disables the decompression-bomb guard), got {max_pixels}")
@@ -286,20 +305,23 @@ def build_manifest(
     todo: list[int] = []
     for i, e in enumerate(entries):
         old = prev.get(e.path)
-        if old is not None and not e.note and _unchanged(e.abspath, old, max_pixels):
+        if e.split == IGNORED:
+            rows[i] = {"path": e.path, "split": e.split, "class": "", "id": "", **_blank(status=IGNORED, error=e.note)}
+        elif old is not None and not e.note and _unchanged(e.abspath, old, max_pixels):
             rows[i] = {**old, "split": e.split, "class": e.cls, "id": e.id}
         else:
             todo.append(i)
+    n_files = sum(e.split != IGNORED for e in entries)
     n_workers = workers or os.cpu_count() or 1
     t0 = time.perf_counter()
     if todo:
-        log(f"prepare: reading {len(todo)} of {len(entries)} files ({len(entries) - len(todo)} unchanged)")
+        log(f"prepare: reading {len(todo)} of {n_files} files ({n_files - len(todo)} unchanged)")
         args = [(entries[i].abspath, max_pixels, entries[i].note) for i in todo]
         for i, res in zip(todo, _run(args, n_workers, log), strict=True):
             e = entries[i]
             rows[i] = {"path": e.path, "split": e.split, "class": e.cls, "id": e.id, **res}
     probe_s = time.perf_counter() - t0
-    stats = {"n_probed": len(todo), "n_reused": len(entries) - len(todo), "probe_s": round(probe_s, 3),
+    stats = {"n_probed": len(todo), "n_reused": n_files - len(todo), "probe_s": round(probe_s, 3),
              "workers": n_workers if len(todo) >= _MIN_PARALLEL else 1}
     return [{c: r[c] for c in COLUMNS} for r in rows if r is not None], classes, stats
 

@@ -3,7 +3,8 @@
 ``prepare(DATA, out_dir)`` writes into ``out_dir`` (e.g. ``runs/prepare/<data name>/``):
 
     manifest.csv     one row per file (carclf.data.manifest.COLUMNS) + ``group`` (duplicate or singleton group id,
-                     for group K-fold) + ``excluded`` (why training leaves the file out; empty if used)
+                     for group K-fold) + ``excluded`` (why training leaves the file out; empty if used); OS and zip
+                     leftovers (__MACOSX, .DS_Store, Thumbs.db...) last, as "ignored": no other file lists them
     duplicates.csv   one row per member of each duplicate group (exact / near; within_class, cross_class, train_test)
     conflicts.csv    training photos filed under more than one class
     leaks.csv        test photos that are also in train, with the train copies and their classes
@@ -36,7 +37,7 @@ from carclf.data.dedup import (
     leak_rows,
     leaks_csv,
 )
-from carclf.data.manifest import DEFAULT_MAX_PIXELS, build_manifest, csv_text, read_manifest, write_manifest
+from carclf.data.manifest import DEFAULT_MAX_PIXELS, IGNORED, build_manifest, csv_text, read_manifest, write_manifest
 from carclf.data.names import read_classes_csv, write_classes_csv
 from carclf.errors import CarclfError
 from carclf.io import atomic_write_text
@@ -52,7 +53,7 @@ class Prepared:
     ``"train/" + TrainSet.relpaths()[i]``."""
 
     dir: Path
-    manifest: list[dict]  # manifest.csv rows, train (by class, path) then test (test.csv order); ints parsed
+    manifest: list[dict]  # manifest.csv rows (ints parsed) but ignored ones: train (by class, path), then test
     groups: list[DupGroup]  # duplicate groups with two or more members
     excluded: dict[str, str]  # train path -> reason training leaves it out (bad file, duplicate, label conflict)
     group_of: dict[str, int]  # train path -> duplicate group id; files without duplicates get ids of their own
@@ -101,6 +102,8 @@ def prepare(
 
     previous = _previous_manifest(out, root, log)
     rows, classes, stats = build_manifest(root, previous, max_pixels=max_pixels, workers=workers, log=log)
+    ignored = [{**r, "group": "", "excluded": ""} for r in rows if r["status"] == IGNORED]
+    rows = [r for r in rows if r["status"] != IGNORED]  # listed in manifest.csv; to everything else, absent
     t_read = time.perf_counter()
 
     groups = find_groups(rows, threshold)
@@ -116,7 +119,7 @@ def prepare(
     leaks = leak_rows(groups, hashes)
     n_train = Counter(r["class"] for r in rows if r["split"] == "train" and r["status"] == "ok")
     n_used = Counter(r["class"] for r in rows if r["split"] == "train" and r["status"] == "ok" and not r["excluded"])
-    write_manifest(out / "manifest.csv", rows, DERIVED_COLUMNS)
+    write_manifest(out / "manifest.csv", rows + ignored, DERIVED_COLUMNS)
     atomic_write_text(out / "duplicates.csv", duplicates_csv(groups))
     atomic_write_text(out / "conflicts.csv", conflicts_csv(groups, excluded))
     atomic_write_text(out / "leaks.csv", leaks_csv(leaks))
@@ -128,15 +131,15 @@ def prepare(
     t_write = time.perf_counter()
 
     empty = [c for c in classes if not n_used.get(c)]
-    summary = _summary(root, rows, groups, leaks, excluded, reasons, stats, threshold, max_pixels, within_class,
-                       cross_class, classes, empty,
+    summary = _summary(root, rows, len(ignored), groups, leaks, excluded, reasons, stats, threshold, max_pixels,
+                       within_class, cross_class, classes, empty,
                        {"read": t_read - t_start, "dedup": t_dedup - t_read, "write": t_write - t_dedup,
                         "total": t_write - t_start})
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
     c = summary["counts"]
-    log(f"prepare: {c['files']} files ({c['bad']} bad), {c['groups']} duplicate groups ({c['exact_groups']} exact, "
-        f"{c['near_groups']} near; {c['cross_class_groups']} cross-class, {c['train_test_groups']} train/test), "
-        f"{c['excluded']} training files excluded -> {out}")
+    log(f"prepare: {c['files']} files ({c['bad']} bad, {c['ignored']} OS/zip leftovers ignored), {c['groups']} "
+        f"duplicate groups ({c['exact_groups']} exact, {c['near_groups']} near; {c['cross_class_groups']} cross-class, "
+        f"{c['train_test_groups']} train/test), {c['excluded']} training files excluded -> {out}")
     if empty:
         log(f"prepare: warning: {len(empty)} class(es) have no usable photo left: {', '.join(empty[:5])}")
     return Prepared(out, rows, groups, excluded, train_group_of, threshold, classes, aliases, summary)
@@ -201,8 +204,8 @@ def _reason_kind(error: str) -> str:
     return error.strip()
 
 
-def _summary(root, rows, groups, leaks, excluded, reasons, stats, threshold, max_pixels, within_class, cross_class,
-             classes, empty, timings) -> dict:
+def _summary(root, rows, n_ignored, groups, leaks, excluded, reasons, stats, threshold, max_pixels, within_class,
+             cross_class, classes, empty, timings) -> dict:
     import imagehash
     import PIL
 
@@ -219,7 +222,7 @@ def _summary(root, rows, groups, leaks, excluded, reasons, stats, threshold, max
         "cross_class": cross_class,
         "counts": {
             "files": len(rows), "train_files": len(train), "test_files": len(rows) - len(train),
-            "classes": len(classes), "ok": len(rows) - len(bad), "bad": len(bad),
+            "classes": len(classes), "ok": len(rows) - len(bad), "bad": len(bad), "ignored": n_ignored,
             "bad_train": sum(r["split"] == "train" for r in bad), "bad_test": sum(r["split"] == "test" for r in bad),
             "groups": len(groups), "exact_groups": sum(g.kind == "exact" for g in groups),
             "near_groups": sum(g.kind == "near" for g in groups),
@@ -248,7 +251,7 @@ def load_prepared(out_dir: Path | str) -> Prepared:
     missing = [n for n in needed if not (out / n).is_file()]
     if missing:
         raise CarclfError(f"'{out}' has no {', '.join(missing)}: run prepare on the data set first")
-    rows = read_manifest(out / "manifest.csv")
+    rows = [r for r in read_manifest(out / "manifest.csv") if r["status"] != IGNORED]
     if not rows or "group" not in rows[0]:
         raise CarclfError(f"'{out / 'manifest.csv'}' is not a prepare manifest (or is empty): run prepare again")
     for r in rows:

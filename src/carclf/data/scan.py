@@ -1,6 +1,7 @@
 """Reading the competition layout: class folders, test.csv and sample_submission.csv.
 
-Class names are NFC-normalised (macOS zips deliver NFD Hangul, which looks identical but compares unequal).
+Class names are NFC-normalised (macOS zips deliver NFD Hangul, which looks identical but compares unequal). CSV
+headers are kept as written, so the submission can repeat sample_submission.csv's; they are compared by column_key.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ def nfc(text: str) -> str:
     return unicodedata.normalize("NFC", text)
 
 
+def column_key(name: str) -> str:
+    """A CSV column or class name as compared (NFC, no surrounding spaces); never written back."""
+    return nfc(name.strip())
+
+
 @dataclass
 class TrainSet:
     root: Path
@@ -34,8 +40,27 @@ class TrainSet:
         return [nfc(p.relative_to(self.root).as_posix()) for p in self.paths]
 
 
+# Written by an OS or a zip tool, not photos or classes: ignored wherever carclf lists a folder (keys lower case).
+_LEFTOVERS = {
+    "__macosx": "macOS zip leftover", ".ds_store": "macOS Finder data", "thumbs.db": "Windows thumbnail cache",
+    "desktop.ini": "Windows folder settings",
+}
+
+
+def os_leftover(name: str) -> str:
+    """Why a file or folder named ``name`` is an OS or zip leftover that carclf ignores; "" if it is not one.
+
+    The one rule for ``train/``, its class folders and ``test/``: ``__MACOSX``, hidden names (``.DS_Store``, ``._x.jpg``
+    AppleDouble files), ``Thumbs.db`` and ``desktop.ini`` (case-insensitive).
+    """
+    kind = _LEFTOVERS.get(name.lower())
+    if kind is None and name.startswith("."):
+        kind = "macOS AppleDouble file" if name.startswith("._") else "hidden file or folder"
+    return f"{kind} ({name}), ignored" if kind else ""
+
+
 def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTS and not path.name.startswith(".")
+    return path.suffix.lower() in IMAGE_EXTS and not os_leftover(path.name)
 
 
 def scan_train(data_root: Path | str) -> TrainSet:
@@ -46,7 +71,7 @@ def scan_train(data_root: Path | str) -> TrainSet:
         raise CarclfError(f"data root '{root}' does not exist (set data.root=PATH to the competition folder)")
     if not train.is_dir():
         raise CarclfError(f"'{train}' not found: carclf expects DATA/train/<class name>/*.jpg")
-    folders = sorted(p for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = sorted(p for p in train.iterdir() if p.is_dir() and not os_leftover(p.name))
     if not folders:
         raise CarclfError(f"'{train}' has no class folders: put each class's photos in train/<class name>/")
     by_name: dict[str, Path] = {}
@@ -79,7 +104,10 @@ def scan_train(data_root: Path | str) -> TrainSet:
 
 
 def read_csv_rows(path: Path) -> tuple[list[str], list[list[str]]]:
-    """Read a CSV with header; accepts UTF-8 with or without BOM, and CP949 (Korean Windows) as a fallback."""
+    """Read a CSV with header; accepts UTF-8 with or without BOM, and CP949 (Korean Windows) as a fallback.
+
+    The header comes back as written (only a BOM removed): compare its names through :func:`column_key`.
+    """
     if not path.is_file():
         raise CarclfError(f"'{path}' not found")
     raw = path.read_bytes()
@@ -94,7 +122,7 @@ def read_csv_rows(path: Path) -> tuple[list[str], list[list[str]]]:
     rows = list(csv.reader(text.splitlines()))
     if not rows:
         raise CarclfError(f"'{path}' is empty: it needs a header row")
-    return [nfc(h.strip()) for h in rows[0]], [r for r in rows[1:] if r]
+    return rows[0], [r for r in rows[1:] if r]
 
 
 @dataclass
@@ -107,6 +135,7 @@ def scan_test(data_root: Path | str, csv_name: str = "test.csv") -> TestSet:
     """Read ``test.csv`` (``ID,img_path``); image paths are relative to the data root."""
     root = Path(data_root)
     header, rows = read_csv_rows(root / csv_name)
+    header = [column_key(h) for h in header]
     for col in ("ID", "img_path"):
         if col not in header:
             raise CarclfError(f"'{root / csv_name}' has no '{col}' column (found: {', '.join(header)})")
@@ -124,11 +153,13 @@ def scan_test(data_root: Path | str, csv_name: str = "test.csv") -> TestSet:
 
 
 def read_sample_columns(path: Path) -> list[str]:
-    """Class columns of ``sample_submission.csv`` in the file's own order (NFC)."""
+    """Class columns of ``sample_submission.csv`` in the file's own order, exactly as written (the submission's header
+    repeats them byte for byte); match them to classes through :func:`column_key`."""
     header, _ = read_csv_rows(path)
-    if not header or header[0] != "ID":
+    if not header or column_key(header[0]) != "ID":
         raise CarclfError(f"'{path}' must start with an 'ID' column (found: {', '.join(header[:3])})")
-    repeated = sorted({c for c in header[1:] if header.count(c) > 1})
+    keys = [column_key(c) for c in header[1:]]
+    repeated = sorted({c for c in keys if keys.count(c) > 1})
     if repeated:
         raise CarclfError(f"'{path}' repeats column(s) {', '.join(repeated[:5])}: each class must appear once")
     return header[1:]

@@ -8,17 +8,18 @@ from pathlib import Path
 
 import numpy as np
 
-from carclf.data.scan import nfc
+from carclf.data.scan import column_key
 from carclf.errors import CarclfError
 from carclf.io import atomic_write_text
 
 
 def align_columns(probs: np.ndarray, classes: list[str], columns: list[str], source: str = "sample_submission.csv"):
-    """Reorder ``probs`` (columns = ``classes``) into ``columns``, matching by NFC name; name any mismatch."""
-    own = {nfc(c): i for i, c in enumerate(classes)}
-    cols = [nfc(c) for c in columns]
-    missing = [c for c in cols if c not in own]
-    extra = [c for c in own if c not in set(cols)]
+    """Reorder ``probs`` (columns = ``classes``) into ``columns``, matching by NFC, stripped name; name any mismatch."""
+    own = {column_key(c): i for i, c in enumerate(classes)}
+    keys = [column_key(c) for c in columns]
+    missing = [c for c, k in zip(columns, keys, strict=True) if k not in own]
+    known = set(keys)
+    extra = [c for c in classes if column_key(c) not in known]
     if missing or extra:
         raise CarclfError(
             f"{source} does not match the trained classes: "
@@ -26,7 +27,7 @@ def align_columns(probs: np.ndarray, classes: list[str], columns: list[str], sou
             f"{len(extra)} trained class(es) with no column ({', '.join(extra[:5]) or '-'}). "
             "Train on the same class folders as the submission, or fix the sample file."
         )
-    return probs[:, [own[c] for c in cols]]
+    return probs[:, [own[k] for k in keys]]
 
 
 def finalize(probs: np.ndarray, eps: float) -> np.ndarray:
@@ -51,7 +52,8 @@ def write_submission(
     path: Path | str, ids: list[str], probs: np.ndarray, classes: list[str], columns: list[str], eps: float = 1e-6,
     overwrite: bool = False,
 ) -> Path:
-    """Validate and atomically write ``ID,<columns...>``; refuse to replace an existing file unless asked."""
+    """Validate and atomically write ``ID,<columns...>``, the columns exactly as given (as sample_submission.csv has
+    them); refuse to replace an existing file unless asked."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise CarclfError(f"'{path}' already exists: pass --overwrite to replace it or choose another -o")
