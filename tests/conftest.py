@@ -20,7 +20,7 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory) -> Path:
     """6 classes x 12 photos (+duplicates), 3 test photos per class; read-only for tests."""
-    from carclf.data.synth import SynthSpec, make_dataset
+    from carclf.demo.synth import SynthSpec, make_dataset
 
     root = tmp_path_factory.mktemp("synth") / "data"
     make_dataset(root, SynthSpec(n_classes=6, train_per_class=12, test_per_class=3, size=(128, 96), seed=1))

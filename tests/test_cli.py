@@ -28,17 +28,15 @@ def test_cli_end_to_end(synth_data, tmp_path, capsys):
     assert [r[0] for r in rows[1:]] == [r[0] for r in sample[1:]]
     p = np.array([[float(v) for v in r[1:]] for r in rows[1:]])
     np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-6)
-    # The serving path (images in memory) and the batch path (files) give the same probabilities.
-    from PIL import Image
-
+    # The serving path (bytes in memory) and the batch path (files) give the same probabilities.
     from carclf.infer.predictor import Predictor
 
     predictor = Predictor(tmp_path / "t")
     photo = sorted((synth_data / "test").iterdir())[0]
     from_file, bad = predictor.predict_paths([photo])
-    with Image.open(photo) as img:
-        from_memory = predictor.predict_images([img])
+    from_memory, bad_memory = predictor.predict_images([photo.read_bytes()])
     assert not bad
+    assert not bad_memory
     np.testing.assert_allclose(from_memory, from_file, atol=1e-6)
     assert main(["evaluate", str(tmp_path / "t")]) == 0
     table = capsys.readouterr().out
@@ -53,7 +51,7 @@ def test_cli_errors_are_one_line_without_traceback(synth_data, tmp_path, capsys)
     assert "unknown config key 'train.lrr'" in err
     assert "Traceback" not in err
     assert main(["evaluate", str(tmp_path / "nothing")]) == 2
-    assert "not a carclf run directory" in capsys.readouterr().err
+    assert "does not exist: give the run directory" in capsys.readouterr().err
 
 
 def test_predict_bad_inputs(synth_data, tmp_path, capsys):

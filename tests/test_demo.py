@@ -1,7 +1,7 @@
 import pytest
 
-from carclf.data.synth import SynthSpec
-from carclf.demo import run_demo
+from carclf.demo.run import run_demo
+from carclf.demo.synth import SynthSpec
 from carclf.errors import CarclfError
 
 pytestmark = pytest.mark.slow
@@ -18,5 +18,5 @@ def test_demo_runs_every_step_and_refuses_to_clobber(tmp_path, capsys):
     assert "files:" in out
     assert summary["oof_log_loss_calibrated"] <= summary["oof_log_loss_raw"] + 1e-9
     assert 0 <= summary["test_accuracy"] <= 1
-    with pytest.raises(CarclfError, match="already holds a demo"):
+    with pytest.raises(CarclfError, match="already holds an earlier demo"):
         run_demo(tmp_path / "demo", overrides=over, spec=spec)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from carclf.data.synth import SynthInfo, SynthSpec, class_names, make_dataset
+from carclf.demo.synth import SynthInfo, SynthSpec, class_names, make_dataset
 
 SMALL = SynthSpec(n_classes=6, train_per_class=5, test_per_class=3, n_duplicates=3, seed=3)
 

@@ -70,8 +70,11 @@ def test_existing_run_dir_is_refused_unless_resume_or_overwrite(synth_data, tmp_
     with pytest.raises(CarclfError, match="already exists: pass --resume"):
         train(cfg, log=lambda s: None)
     assert (cfg.run_dir / "notes.txt").read_text() == "mine"
-    with pytest.raises(CarclfError, match="config.yaml' not found"):
+    with pytest.raises(CarclfError, match="is not a carclf run directory"):
         train(cfg, resume=True, log=lambda s: None)
+    with pytest.raises(CarclfError, match="was not made by carclf"):
+        train(cfg, overwrite=True, log=lambda s: None)
+    assert (cfg.run_dir / "notes.txt").read_text() == "mine"
 
 
 def test_resume_with_a_different_config_is_refused(synth_data, tmp_path):
@@ -114,9 +117,9 @@ def test_photo_that_breaks_mid_epoch_is_listed_not_fatal(synth_data, tmp_path, m
     data = tmp_path / "data"
     shutil.copytree(synth_data, data)
     cfg = load_config(None, tiny_overrides(data, tmp_path, **{"train.folds": "all"}))
-    from carclf.train import loop
+    from carclf.data import rundata
 
-    original = loop.run_prepare
+    original = rundata.run_prepare
     victim = sorted(sorted((data / "train").iterdir())[0].glob("*.jpg"))[-1]
 
     def prepare_then_corrupt(cfg, log=print):
@@ -124,7 +127,7 @@ def test_photo_that_breaks_mid_epoch_is_listed_not_fatal(synth_data, tmp_path, m
         victim.write_bytes(b"")  # breaks after the check; lands in a train split of one fold, val of the other
         return result
 
-    monkeypatch.setattr(loop, "run_prepare", prepare_then_corrupt)
+    monkeypatch.setattr(rundata, "run_prepare", prepare_then_corrupt)
     run = train(cfg, log=lambda s: None)
     assert (run / "fold0" / "oof.npz").is_file()
     assert (run / "fold1" / "oof.npz").is_file()

@@ -9,7 +9,9 @@ from pathlib import Path
 
 from carclf.errors import CarclfError
 
-EVAL_COLUMNS = ["fold", "n", "temperature", "log_loss_raw", "log_loss", "accuracy", "top5", "ece_raw", "ece"]
+EVAL_COLUMNS = [
+    "fold", "n", "temperature", "log_loss_raw", "log_loss", "log_loss_model", "accuracy", "top5", "ece_raw", "ece",
+]
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -23,7 +25,7 @@ def _train(args: argparse.Namespace) -> None:
 
 def _prepare(args: argparse.Namespace) -> None:
     from carclf.config import load_config
-    from carclf.train.loop import prepare_dir, run_prepare
+    from carclf.data.rundata import prepare_dir, run_prepare
 
     cfg = load_config(args.config, [f"data.root={args.data}", f"out_dir={args.out_dir}", *args.overrides])
     prepared = run_prepare(cfg)
@@ -55,11 +57,13 @@ def _evaluate(args: argparse.Namespace) -> None:
     from carclf.analyze.evaluate import evaluate_run, format_table
 
     rows = evaluate_run(args.run)
-    print(format_table(rows, EVAL_COLUMNS + (["log_loss_columns"] if "log_loss_columns" in rows[0] else [])))
+    print(format_table(rows, EVAL_COLUMNS))
+    print("log_loss: as the submission is scored (its columns, clipped to predict.eps); log_loss_model: over the "
+          "model's classes")
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from carclf.demo import run_demo
+    from carclf.demo.run import run_demo
 
     run_demo(Path(args.out), overwrite=args.overwrite, overrides=args.overrides)
 
@@ -72,8 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="split the data into folds and train some or all of them")
     t.add_argument("-c", "--config", help="YAML recipe (configs/*.yaml)")
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. data.root=DATA train.folds=all")
-    t.add_argument("--resume", action="store_true", help="continue an interrupted run (or add folds to it)")
-    t.add_argument("--overwrite", action="store_true", help="delete an existing run directory of the same name first")
+    t.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run, add folds to it, or start it if missing (one process per fold)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="delete an earlier run of this name first (only a folder carclf made, holding only its files)")
     t.set_defaults(func=_train)
 
     pp = sub.add_parser("prepare", help="check the data: manifest, bad files, duplicates, conflicts, leaks")
@@ -102,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="generate synthetic car photos and run train -> calibrate -> predict -> evaluate")
     d.add_argument("--out", default="runs/demo", help="folder for the demo's data and run")
-    d.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
+    d.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier demo in --out (only a folder the demo made)")
     d.add_argument("overrides", nargs="*", help="key.sub=value overrides of the demo recipe")
     d.set_defaults(func=_demo)
     return p

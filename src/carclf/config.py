@@ -35,6 +35,8 @@ class DataConfig:
     max_pixels: int = 90_000_000  # decompression-bomb guard: larger photos are quarantined; 0 disables
     merges: str = "auto"  # merges.yaml listing class names that are one model; auto: DATA/merges.yaml if present
     merge_split: str = "even"  # how predict shares a merged class's probability among its names: even | prior
+    empty_class: str = "error"  # a class left with no usable photo: error | drop (train without it; see below)
+    dropped_class_prob: float = 1e-4  # with empty_class=drop: the probability a dropped class's column gets
 
 
 @dataclass
@@ -62,18 +64,23 @@ class AugConfig:
 class TrainConfig:
     folds: str = "0"  # "0", "0,2" or "all"
     epochs: int = 10
-    lr: float = 1e-3  # peak learning rate for batch_size 32 (scaled linearly with the batch)
+    lr: float = 1e-3  # peak learning rate, used as given unless lr_base_size is set
+    lr_base_size: int = 0  # 0: no scaling; N: lr is for a batch of N and is scaled to data.batch_size
+    lr_base_scale: str = "linear"  # with lr_base_size: linear (lr * batch / N) | sqrt (lr * sqrt(batch / N))
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     min_lr: float = 1e-6
     label_smoothing: float = 0.1
     ema: bool = True  # evaluate and keep an exponential moving average of the weights
-    ema_decay: float = 0.998
+    ema_decay: float = 0.998  # the EMA's decay (its ceiling while ema_warmup ramps it up)
+    ema_warmup: bool = True  # timm's EMA warm-up: decay = min(ema_decay, 1 - (1 + step)^(-2/3)), logged per epoch
     patience: int = 0  # early stopping after this many epochs without a better val log loss; 0 disables
     grad_clip: float = 1.0  # max gradient norm; 0 disables
     amp: str = "auto"  # auto | bf16 | fp16 | off  (only used on CUDA)
     channels_last: bool = True  # NHWC memory layout: faster convolutions on CUDA and on x86 CPUs alike
-    device: str = "auto"  # auto | cpu | cuda | cuda:1
+    device: str = "auto"  # auto | cpu | cuda | cuda:1  (auto under torchrun: the process's local GPU)
+    tf32: bool = True  # CUDA: float32 matmuls and convolutions may use TF32 (Ampere+); false for full fp32
+    cudnn_benchmark: bool = True  # CUDA: let cuDNN time and pick the fastest kernels for the fixed input size
     seed: int = 0
     threads: int = 0  # torch intra-op threads on CPU; 0 leaves torch's default
 
@@ -231,11 +238,38 @@ def validate(cfg: Config) -> None:
         (0 < cfg.train.ema_decay < 1, "train.ema_decay must be in (0, 1)"),
         (cfg.train.amp in {"auto", "bf16", "fp16", "off"}, "train.amp must be one of auto, bf16, fp16, off"),
         (0 < cfg.predict.eps < 0.01, "predict.eps must be in (0, 0.01)"),
-        (bool(cfg.name) and "/" not in cfg.name, "name must be a non-empty folder name without '/'"),
+        (cfg.data.empty_class in {"error", "drop"}, "data.empty_class must be 'error' or 'drop'"),
+        (0 < cfg.data.dropped_class_prob < 0.01, "data.dropped_class_prob must be in (0, 0.01)"),
+        (cfg.train.lr_base_size >= 0, "train.lr_base_size must be 0 (no scaling) or a batch size"),
+        (cfg.train.lr_base_scale in {"linear", "sqrt"}, "train.lr_base_scale must be 'linear' or 'sqrt'"),
     ]
     for ok, message in checks:
         if not ok:
             raise CarclfError(message)
+    check_folder_name(cfg.name, "name")
+
+
+def check_folder_name(name: str, key: str) -> None:
+    """A run name is one plain folder name: never '', '.', '..', a path, or hidden (a leading dot)."""
+    if not name or not name.strip():
+        raise CarclfError(f"{key} is empty: give the run a name, e.g. {key}=lite0-192")
+    if name in {".", ".."} or "/" in name or "\\" in name or name.startswith("."):
+        raise CarclfError(
+            f"{key}={name!r} is not a plain folder name: use letters, digits, '-' or '_' (no '/', '\\', leading '.', "
+            "'.' or '..'); out_dir=... chooses where runs go"
+        )
+    if name != name.strip() or any(ord(c) < 32 for c in name):
+        raise CarclfError(f"{key}={name!r} has leading/trailing spaces or control characters: remove them")
+
+
+def effective_lr(cfg: Config) -> float:
+    """The learning rate the optimizer gets: ``train.lr``, scaled to the batch only when ``train.lr_base_size`` is
+    set (timm's lr_base convention)."""
+    t = cfg.train
+    if not t.lr_base_size:
+        return t.lr
+    ratio = cfg.data.batch_size / t.lr_base_size
+    return t.lr * (ratio if t.lr_base_scale == "linear" else ratio**0.5)
 
 
 def save_config(cfg: Config, path: Path) -> None:
@@ -257,7 +291,9 @@ __all__ = [
     "ModelConfig",
     "PredictConfig",
     "TrainConfig",
+    "check_folder_name",
     "config_from_dict",
+    "effective_lr",
     "load_config",
     "parse_override",
     "read_config",

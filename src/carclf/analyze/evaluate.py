@@ -8,57 +8,58 @@ from pathlib import Path
 import numpy as np
 
 from carclf.analyze.metrics import score, softmax
-from carclf.calibrate.temperature import fold_dirs, fold_number, load_oof, read_temperature
-from carclf.data.merges import MergeMap
+from carclf.calibrate.temperature import load_oof
+from carclf.data.merges import MergeMap, identity
+from carclf.infer.submission import finalize
 from carclf.io import atomic_write_text
+from carclf.rundir import RunDir
 
 
 def evaluate_run(run_dir: Path | str) -> list[dict]:
-    """One row per fold plus an ``all`` row over the concatenated out-of-fold predictions; saved to
-    ``evaluation.json`` in the run directory. With class merges, ``log_loss_columns`` scores the calibrated
-    probabilities shared out over the original class columns, as the submission is scored."""
-    merge = _merge_map(Path(run_dir))
-    rows, raw_all, cal_all, lab_all, orig_all = [], [], [], [], []
-    for d in fold_dirs(Path(run_dir)):
-        _, labels, logits = load_oof(d)
-        with np.load(d / "oof.npz") as z:
-            original = z.get("original_labels", None)
-        t = read_temperature(d)
-        raw, cal = softmax(logits), softmax(logits, t)
-        rows.append(_row(str(fold_number(d)), t, raw, cal, labels, merge, original))
-        raw_all.append(raw)
-        cal_all.append(cal)
-        lab_all.append(labels)
-        orig_all.append(original)
+    """One row per completed fold plus an ``all`` row over the concatenated out-of-fold predictions; saved to
+    ``evaluation.json`` in the run directory.
+
+    ``log_loss`` (calibrated) and ``log_loss_raw`` score the out-of-fold probabilities exactly as the submission is
+    scored: expanded to the submission's columns (merged classes shared out, dropped classes at their fixed
+    probability), clipped to ``predict.eps`` and renormalised, against each photo's own folder label. That is the
+    figure to trust. ``log_loss_model`` is the calibrated log loss over the model's own classes (comparable with
+    ``val_log_loss`` in metrics.csv); accuracy, top-5 and ECE are over the model's classes too."""
+    rd = RunDir.open(run_dir)
+    cfg = rd.read_config()
+    meta = rd.read_meta()
+    merge = MergeMap.from_dict(meta["merge"]) if "merge" in meta else identity(meta["classes"])
+    eps = cfg.predict.eps
+    rows, parts = [], []
+    for k in rd.completed_folds():
+        fold = rd.fold(k)
+        _, labels, logits = load_oof(fold)
+        with np.load(fold.oof) as z:
+            original = z["original_labels"]  # the photo's folder label: the submission column it is scored on
+        t = rd.temperature(k)
+        part = (softmax(logits), softmax(logits, t), labels, original)
+        rows.append(_row(str(k), t, *part, merge, eps))
+        parts.append(part)
     if len(rows) > 1:
-        original = None if any(o is None for o in orig_all) else np.concatenate(orig_all)
-        rows.append(_row("all", float("nan"), np.concatenate(raw_all), np.concatenate(cal_all),
-                         np.concatenate(lab_all), merge, original))
-    atomic_write_text(Path(run_dir) / "evaluation.json", json.dumps(rows, indent=1))
+        raw, cal, labels, original = (np.concatenate(x) for x in zip(*parts, strict=True))
+        rows.append(_row("all", float("nan"), raw, cal, labels, original, merge, eps))
+    atomic_write_text(rd.evaluation_json, json.dumps(rows, indent=1))
     return rows
 
 
-def _merge_map(run_dir: Path) -> MergeMap | None:
-    meta = run_dir / "run.json"
-    if not meta.is_file():
-        return None
-    d = json.loads(meta.read_text(encoding="utf-8")).get("merge")
-    mm = MergeMap.from_dict(d) if d else None
-    return mm if mm is not None and mm.groups else None
-
-
-def _row(fold: str, t: float, raw: np.ndarray, cal: np.ndarray, labels: np.ndarray, merge: MergeMap | None,
-         original: np.ndarray | None) -> dict:
+def _row(fold: str, t: float, raw: np.ndarray, cal: np.ndarray, labels: np.ndarray, original: np.ndarray,
+         merge: MergeMap, eps: float) -> dict:
     s_raw, s_cal = score(raw, labels), score(cal, labels)
-    row = {
+    return {
         "fold": fold, "n": s_raw["n"], "temperature": t,
-        "log_loss_raw": s_raw["log_loss"], "log_loss": s_cal["log_loss"],
-        "accuracy": s_cal["accuracy"], "top5": s_cal["top5"], "ece_raw": s_raw["ece"], "ece": s_cal["ece"],
+        "log_loss_raw": _as_submitted(raw, original, merge, eps), "log_loss": _as_submitted(cal, original, merge, eps),
+        "log_loss_model": s_cal["log_loss"], "accuracy": s_cal["accuracy"], "top5": s_cal["top5"],
+        "ece_raw": s_raw["ece"], "ece": s_cal["ece"],
     }
-    if merge is not None and original is not None:
-        # What the submission is scored on: merged probabilities shared out over the original columns.
-        row["log_loss_columns"] = score(merge.expand(cal), original)["log_loss"]
-    return row
+
+
+def _as_submitted(probs: np.ndarray, original: np.ndarray, merge: MergeMap, eps: float) -> float:
+    """Log loss of model-class probabilities once they are what ``predict`` writes."""
+    return score(finalize(merge.expand(probs), eps), original)["log_loss"]
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from carclf.errors import CarclfError
 from carclf.io import atomic_write_text
+from carclf.rundir import FoldPaths, RunDir
 
 # A model no better than chance drives T to infinity; bound it so a broken fold stays visible, not hidden.
 T_MIN, T_MAX = 0.05, 20.0
@@ -39,43 +39,41 @@ def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> flo
     return float(F.cross_entropy(z, torch.as_tensor(labels, dtype=torch.long)).item())
 
 
-def fold_number(fold_dir: Path) -> int:
-    return int(fold_dir.name[4:])
-
-
-def fold_dirs(run_dir: Path) -> list[Path]:
-    """Completed folds of a run (``fold<k>/`` with out-of-fold logits), in fold order. The one way to find them:
-    calibrate, evaluate and the Predictor all use it."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise CarclfError(f"'{run_dir}' is not a carclf run directory (no config.yaml)")
-    dirs = sorted(
-        (d for d in run_dir.glob("fold*") if re.fullmatch(r"fold\d+", d.name) and (d / "oof.npz").is_file()),
-        key=fold_number,
-    )
-    if not dirs:
-        raise CarclfError(f"'{run_dir}' has no completed fold (no fold*/oof.npz): train it first")
-    return dirs
-
-
-def load_oof(fold_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    with np.load(fold_dir / "oof.npz") as z:
+def load_oof(fold: FoldPaths) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(dataset indices, model labels, logits) of a fold's out-of-fold photos."""
+    with np.load(fold.oof) as z:
         return z["indices"], z["labels"], z["logits"]
 
 
-def read_temperature(fold_dir: Path) -> float:
-    path = fold_dir / "calibration.json"
-    return float(json.loads(path.read_text())["temperature"]) if path.is_file() else 1.0
+def bound_warning(k: int, t: float) -> str:
+    """What a temperature at its bound means, or '' when it is inside."""
+    if t <= T_MIN * 1.001:
+        return (f"fold {k}: temperature hit its lower bound {T_MIN}: the model's out-of-fold logits are far too "
+                "timid (or nearly constant); check that the fold trained (metrics.csv) before trusting it")
+    if t >= T_MAX * 0.999:
+        return (f"fold {k}: temperature hit its upper bound {T_MAX}: the model is no better than chance on its "
+                "out-of-fold photos, so calibration flattens it to almost uniform; the fold did not learn (check "
+                "metrics.csv, the learning rate and the labels)")
+    return ""
 
 
-def calibrate_run(run_dir: Path | str) -> list[dict]:
-    """Fit and store a temperature per fold; return per-fold NLL before and after."""
+def calibrate_run(run_dir: Path | str, log: Callable[[str], None] = print) -> list[dict]:
+    """Fit and store a temperature per completed fold; return per-fold NLL before and after."""
+    rd = RunDir.open(run_dir)
     rows = []
-    for d in fold_dirs(Path(run_dir)):
-        _, labels, logits = load_oof(d)
+    incomplete = rd.incomplete_folds()
+    if incomplete:
+        log(f"calibrate: fold(s) {', '.join(map(str, incomplete))} not complete yet: calibrating the finished ones")
+    for k in rd.completed_folds():
+        fold = rd.fold(k)
+        _, labels, logits = load_oof(fold)
         t = fit_temperature(logits, labels)
-        row = {"fold": fold_number(d), "temperature": t, "nll_before": nll(logits, labels),
-               "nll_after": nll(logits, labels, t), "n": int(len(labels))}
-        atomic_write_text(d / "calibration.json", json.dumps(row, indent=1))
+        row = {"fold": k, "temperature": t, "nll_before": nll(logits, labels), "nll_after": nll(logits, labels, t),
+               "n": int(len(labels))}
+        warning = bound_warning(k, t)
+        if warning:
+            row["warning"] = warning
+            log(f"warning: {warning}")
+        atomic_write_text(fold.calibration, json.dumps(row, indent=1))
         rows.append(row)
     return rows

@@ -1,27 +1,55 @@
-"""A torch Dataset over image paths that never dies on a bad photo: it reports it and moves on."""
+"""A torch Dataset over photos that never dies on a bad one, and the sampler that makes every epoch reproducible."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from pathlib import Path
+import random
+from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from carclf.data.imageio import load_rgb
+from carclf.data.imageio import ImageSource, load_rgb
+from carclf.runtime import seed_everything
+
+
+class EpochSampler(Sampler):
+    """Yields ``(index, seed)`` pairs. The order and each photo's augmentation seed are functions of
+    (``seed``, epoch, index) alone, so an epoch draws the same crops whether 0, 1 or 16 workers decode it and whether
+    they persist across epochs (which saves a GPU box seconds per epoch) or are started afresh; a resumed run
+    therefore repeats an uninterrupted one. Call :meth:`set_epoch` before each epoch."""
+
+    def __init__(self, n: int, shuffle: bool, seed: int = 0) -> None:
+        self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        base = (self.seed * 1_000_003 + self.epoch) % 2**62
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(base)).tolist()
+        else:
+            order = range(self.n)
+        for i in order:
+            yield int(i), (base * 1_000_033 + int(i)) % 2**62
 
 
 class ImageDataset(Dataset):
-    """Yields ``(image, label, index, ok)``.
+    """Yields ``(image, label, index, ok)``; index with an int, or with ``(index, seed)`` from :class:`EpochSampler`
+    to seed the photo's augmentation.
 
     ``ok`` is False when the photo could not be decoded; the training loop lists it in ``skipped.csv``. In training
     mode a bad photo is replaced by the next good one so a batch stays full; in eval mode a zero image is returned
-    and the caller drops or fills that row.
+    and the caller drops or fills that row. Sources are paths or encoded bytes (see :func:`load_rgb`).
     """
 
     def __init__(
         self,
-        paths: Sequence[Path],
+        sources: Sequence[ImageSource],
         labels: Sequence[int] | None,
         transform: Callable,
         target: int,
@@ -29,8 +57,8 @@ class ImageDataset(Dataset):
         substitute: bool = False,
         max_pixels: int | None = None,
     ) -> None:
-        self.paths = list(paths)
-        self.labels = list(labels) if labels is not None else [-1] * len(self.paths)
+        self.sources = list(sources)
+        self.labels = list(labels) if labels is not None else [-1] * len(self.sources)
         self.transform = transform
         self.target = target
         self.draft_factor = draft_factor
@@ -39,18 +67,14 @@ class ImageDataset(Dataset):
         self._shape: tuple[int, ...] | None = None
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.sources)
 
     def _load(self, i: int) -> torch.Tensor:
-        if self.max_pixels is not None:  # per call: worker processes do not share the parent's module state
-            from PIL import Image
-
-            Image.MAX_IMAGE_PIXELS = self.max_pixels or None
-        x = self.transform(load_rgb(self.paths[i], self.target, self.draft_factor))
+        x = self.transform(load_rgb(self.sources[i], self.target, self.draft_factor, self.max_pixels))
         self._shape = tuple(x.shape)
         return x
 
-    def __getitem__(self, i: int):
+    def _get(self, i: int):
         try:
             return self._load(i), self.labels[i], i, True
         except Exception:  # noqa: BLE001 - any decode error: report the index, keep the epoch going
@@ -63,3 +87,41 @@ class ImageDataset(Dataset):
                         continue
             shape = self._shape or (3, self.target, self.target)
             return torch.zeros(shape, dtype=torch.uint8), self.labels[i], i, False
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        if not isinstance(key, tuple):
+            return self._get(key)
+        i, seed = key
+        if get_worker_info() is not None:  # a worker process: its RNGs serve this dataset alone
+            seed_everything(seed)
+            return self._get(i)
+        # In the main process (num_workers=0) keep the caller's RNG streams (dropout, Mixup) untouched.
+        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        try:
+            seed_everything(seed)
+            return self._get(i)
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.set_rng_state(states[2])
+
+
+def make_loader(
+    ds: ImageDataset, batch_size: int, workers: int, shuffle: bool = False, seed: int = 0, pin_memory: bool = False,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A DataLoader over ``ds`` driven by an :class:`EpochSampler` (``loader.sampler.set_epoch(e)`` before epoch e);
+    workers persist across epochs."""
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=EpochSampler(len(ds), shuffle, seed),
+        drop_last=drop_last,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers else None,
+        # Worker base seeds come from the loader's own generator, not the global one: creating an iterator (once
+        # per fold, or again after a resume) must not shift the RNG stream that dropout and Mixup draw from.
+        generator=torch.Generator().manual_seed(seed),
+    )

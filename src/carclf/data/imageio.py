@@ -1,26 +1,57 @@
-"""Decoding photos: PIL draft mode for large JPEGs, EXIF orientation, any mode converted to RGB."""
+"""Decoding photos: the one path from encoded bytes or a file to upright RGB pixels.
+
+Training, out-of-fold logits, ``predict`` and serving all call :func:`load_rgb`, from a path on disk or from bytes in
+memory alike, so a photo gives the same pixels wherever it comes from (PIL draft mode for large JPEGs included).
+"""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, ImageFile, ImageOps
 
 # A truncated photo must fail loudly (and be listed), not be padded with grey and trained on.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
+ImageSource = str | Path | bytes | bytearray | memoryview | BinaryIO | Image.Image
 
-def load_rgb(path: Path | str, target: int = 0, draft_factor: float = 2.0) -> Image.Image:
-    """Decode ``path`` to RGB. When ``target`` > 0 and the JPEG is at least ``draft_factor`` times larger on its
-    shorter side, libjpeg decodes at 1/2, 1/4 or 1/8 scale (PIL's draft mode), which is several times faster and
-    still leaves at least ``target * draft_factor`` pixels for cropping."""
-    with Image.open(path) as img:
-        if target > 0 and img.format == "JPEG":
-            want = int(target * draft_factor)
-            if min(img.size) >= 2 * want:
-                img.draft("RGB", (want, want))
-        img.load()
-        return to_rgb(img)
+
+def load_rgb(
+    src: ImageSource, target: int = 0, draft_factor: float = 2.0, max_pixels: int | None = None
+) -> Image.Image:
+    """Decode ``src`` (a path, encoded bytes, a binary file object, or a PIL image opened but not yet loaded) to
+    upright RGB.
+
+    When ``target`` > 0 and the JPEG is at least ``2 * target * draft_factor`` pixels on its shorter side, libjpeg
+    decodes at 1/2, 1/4 or 1/8 scale (PIL's draft mode), several times faster, still leaving at least
+    ``target * draft_factor`` pixels for cropping. ``max_pixels`` refuses larger images as decompression bombs
+    (0: no limit; None: Pillow's own default guard)."""
+    if isinstance(src, Image.Image):
+        return _decode(src, target, draft_factor, max_pixels)
+    if isinstance(src, bytes | bytearray | memoryview):
+        src = io.BytesIO(src)
+    if max_pixels is not None:
+        # Pillow refuses at open() above twice its global limit; set it so our own check below decides.
+        Image.MAX_IMAGE_PIXELS = max_pixels or None
+    with Image.open(src) as img:
+        return _decode(img, target, draft_factor, max_pixels)
+
+
+def _decode(img: Image.Image, target: int, draft_factor: float, max_pixels: int | None) -> Image.Image:
+    w, h = img.size
+    if max_pixels and w * h > max_pixels:
+        raise Image.DecompressionBombError(
+            f"{w}x{h} = {w * h:,} pixels exceeds data.max_pixels={max_pixels:,} (a decompression-bomb guard; "
+            "raise it if the photo is genuine, 0 disables it)"
+        )
+    if target > 0 and img.format == "JPEG":
+        want = int(target * draft_factor)
+        if min(img.size) >= 2 * want:
+            img.draft("RGB", (want, want))
+    img.load()
+    return to_rgb(img)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

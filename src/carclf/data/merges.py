@@ -14,7 +14,7 @@ are aliases the test set uses at random) or ``prior`` (in proportion to each nam
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,29 +30,50 @@ SPLIT_POLICIES = ("even", "prior")
 class MergeMap:
     original: list[str]  # class folder names (NFC, sorted): the submission's columns
     classes: list[str]  # the model's classes: each group's first name, and every unmerged name
-    label_map: np.ndarray  # original index -> model index
+    label_map: np.ndarray  # original index -> model index; -1 for a class dropped for want of photos
     share: np.ndarray  # original index -> its share of its model class's probability
+    dropped_prob: float = 0.0  # the probability each dropped class's column gets (data.dropped_class_prob)
+    dropped: list[str] = field(init=False)  # original names with no model class
+
+    def __post_init__(self) -> None:
+        self.dropped = [self.original[i] for i in np.where(np.asarray(self.label_map) < 0)[0]]
 
     @property
     def groups(self) -> list[list[str]]:
         out = []
-        for m in range(len(self.classes)):
+        for m in range(len(self.classes)):  # dropped classes (-1) are in no group
             members = [self.original[i] for i in np.where(self.label_map == m)[0]]
             if len(members) > 1:
                 out.append(members)
         return out
 
     def expand(self, probs: np.ndarray) -> np.ndarray:
-        """Model-class probabilities -> original-class probabilities (rows still sum to 1)."""
-        return probs[:, self.label_map] * self.share[None, :]
+        """Model-class probabilities -> original-class probabilities (rows still sum to 1). A dropped class gets
+        ``dropped_prob``; the others are scaled down to make room for it."""
+        kept = self.label_map >= 0
+        out = probs[:, np.maximum(self.label_map, 0)] * self.share[None, :]
+        if not kept.all():
+            out[:, kept] *= 1.0 - self.dropped_prob * (~kept).sum()
+            out[:, ~kept] = self.dropped_prob
+        return out
+
+    def drop(self, model_classes: list[str], prob: float) -> MergeMap:
+        """The same map without ``model_classes`` (each with every name merged into it); their columns get
+        ``prob``."""
+        gone = set(model_classes)
+        keep = [c for c in self.classes if c not in gone]
+        index = {c: i for i, c in enumerate(keep)}
+        label_map = np.array([index.get(self.classes[m], -1) if m >= 0 else -1 for m in self.label_map])
+        return MergeMap(list(self.original), keep, label_map, self.share.copy(), float(prob))
 
     def to_dict(self) -> dict:
         return {"original": self.original, "classes": self.classes, "label_map": self.label_map.tolist(),
-                "share": self.share.tolist()}
+                "share": self.share.tolist(), "dropped_prob": self.dropped_prob, "dropped": self.dropped}
 
     @classmethod
     def from_dict(cls, d: dict) -> MergeMap:
-        return cls(d["original"], d["classes"], np.asarray(d["label_map"]), np.asarray(d["share"], dtype=float))
+        return cls(d["original"], d["classes"], np.asarray(d["label_map"]), np.asarray(d["share"], dtype=float),
+                   float(d.get("dropped_prob", 0.0)))
 
 
 def identity(classes: list[str]) -> MergeMap:

@@ -24,7 +24,8 @@ def data_fingerprint(relpaths: list[str], labels: list[int], groups: list[int] |
 
 def check_fold_counts(classes: list[str], labels: list[int], n_folds: int, counted: str = "images") -> None:
     """Every class needs at least one unit (photo, or duplicate group) per fold, or some fold cannot learn it."""
-    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes))
+    y = np.asarray(labels, dtype=np.int64)
+    counts = np.bincount(y[y >= 0], minlength=len(classes))  # -1: a dropped class (data.empty_class=drop)
     small = [(classes[i], int(c)) for i, c in enumerate(counts) if c < n_folds]
     if small:
         listed = ", ".join(f"'{n}' ({c})" for n, c in small[:5])
@@ -51,14 +52,18 @@ def stratified_folds(labels: list[int], n_folds: int, seed: int, groups: list[in
     return folds
 
 
-def folds_path(prepare_dir: Path, trainset: TrainSet, n_folds: int, seed: int, groups: list[int] | None = None) -> Path:
-    fp = data_fingerprint(trainset.relpaths(), trainset.labels, groups)
+def folds_path(
+    prepare_dir: Path, trainset: TrainSet, n_folds: int, seed: int, groups: list[int] | None = None,
+    labels: list[int] | None = None,
+) -> Path:
+    fp = data_fingerprint(trainset.relpaths(), trainset.labels if labels is None else labels, groups)
     policy = "group" if groups is not None else "stratified"
     return prepare_dir / f"folds-k{n_folds}-s{seed}-{policy}-{fp}.csv"
 
 
 def load_or_make_folds(
-    trainset: TrainSet, n_folds: int, seed: int, prepare_dir: Path, groups: list[int] | None = None
+    trainset: TrainSet, n_folds: int, seed: int, prepare_dir: Path, groups: list[int] | None = None,
+    labels: list[int] | None = None, classes: list[str] | None = None,
 ) -> tuple[np.ndarray, Path]:
     """Return the fold of every training image, reading the saved split when the same data was split before.
 
@@ -66,9 +71,15 @@ def load_or_make_folds(
     carries the policy and a fingerprint of (path, class, group): added, removed or relabelled photos, or changed
     duplicate groups, get a new split instead of silently reusing one that no longer matches. The file's ``policy``
     column records which split it is.
+
+    ``labels``/``classes`` are the model's (after class merges, so a small class merged into its twin is stratified
+    and counted with it); by default the folders'.
     """
-    check_fold_counts(trainset.classes, trainset.labels, n_folds)
-    path = folds_path(prepare_dir, trainset, n_folds, seed, groups)
+    if labels is None:
+        labels, classes = trainset.labels, trainset.classes
+    labels = [int(v) for v in labels]
+    check_fold_counts(classes or trainset.classes, labels, n_folds)
+    path = folds_path(prepare_dir, trainset, n_folds, seed, groups, labels)
     rel = trainset.relpaths()
     if path.is_file():
         with path.open(encoding="utf-8", newline="") as fh:
@@ -76,7 +87,7 @@ def load_or_make_folds(
         by_path = {r["path"]: int(r["fold"]) for r in rows}
         if set(by_path) == set(rel):
             return np.array([by_path[r] for r in rel], dtype=np.int64), path
-    folds = stratified_folds(trainset.labels, n_folds, seed, groups)
+    folds = stratified_folds(labels, n_folds, seed, groups)
     policy = "stratified_group_kfold" if groups is not None else "stratified_kfold"
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-import shutil
+import json
 import time
 from pathlib import Path
 
@@ -14,9 +14,11 @@ from carclf.analyze.metrics import score
 from carclf.calibrate.temperature import calibrate_run
 from carclf.config import load_config
 from carclf.data.scan import nfc
-from carclf.data.synth import SynthSpec, make_dataset
+from carclf.demo.synth import SynthSpec, make_dataset
 from carclf.errors import CarclfError
 from carclf.infer.predict import predict_run
+from carclf.io import atomic_write_text
+from carclf.rundir import clear_owned_folder
 
 # The demo recipe: offline pretrained lite0, 3 folds, small photos, a few epochs (minutes on 2 CPU cores).
 DEMO_OVERRIDES = [
@@ -32,6 +34,8 @@ DEMO_OVERRIDES = [
     "train.ema_decay=0.99",
 ]
 DEMO_SPEC = SynthSpec(n_classes=12, train_per_class=30, test_per_class=8, seed=0)
+DEMO_MARKER = ".carclf-demo"
+DEMO_ENTRIES = {DEMO_MARKER, "data", "runs", "submission.csv"}  # everything a demo writes into --out
 
 
 def read_labels(path: Path) -> dict[str, str]:
@@ -54,11 +58,16 @@ def run_demo(
 ) -> dict:
     """Generate the data, run every step, print a summary table; return the summary figures."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and not out.is_dir():
+        raise CarclfError(f"--out '{out}' is a file, not a folder: choose another --out")
+    if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise CarclfError(f"'{out}' already holds a demo: pass --overwrite to replace it, or --out elsewhere")
-        shutil.rmtree(out)
+            what = "an earlier demo" if (out / DEMO_MARKER).is_file() else "files of yours"
+            raise CarclfError(f"'{out}' already holds {what}: pass --overwrite to replace a demo, or --out elsewhere")
+        clear_owned_folder(out, DEMO_MARKER, DEMO_ENTRIES, "demo folder")
     start = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / DEMO_MARKER, json.dumps({"kind": "carclf demo", "spec": vars(spec)}, default=str) + "\n")
     info = make_dataset(out / "data", spec)
     print(f"synthetic data: {len(info.classes)} classes (two of them one model: {info.merged[0]}), "
           f"{len(info.duplicates)} duplicate photos, {len(info.test_labels)} test photos -> {out / 'data'}")
@@ -77,13 +86,12 @@ def run_demo(
     overall = rows[-1]
     summary = {
         "oof_log_loss_raw": overall["log_loss_raw"], "oof_log_loss_calibrated": overall["log_loss"],
-        "oof_log_loss_columns": overall.get("log_loss_columns", overall["log_loss"]),
         "oof_accuracy": overall["accuracy"], "test_log_loss": test["log_loss"], "test_accuracy": test["accuracy"],
         "minutes": (time.time() - start) / 60,
     }
     print()
     print("temperatures: " + ", ".join(f"fold {r['fold']}: {r['temperature']:.3f}" for r in cal))
-    print(format_table(rows, ["fold", "n", "log_loss_raw", "log_loss", "log_loss_columns", "accuracy", "top5", "ece"]))
+    print(format_table(rows, ["fold", "n", "log_loss_raw", "log_loss", "log_loss_model", "accuracy", "top5", "ece"]))
     print()
     print(format_table([summary], list(summary)))
     print(f"""

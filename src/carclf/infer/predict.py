@@ -39,6 +39,8 @@ def predict_run(
         + ("" if predictor.calibrated else " (not calibrated: run carclf calibrate first for better log loss)")
         + (" (some folds not calibrated: run carclf calibrate again)" if predictor.partly_calibrated else "")
     )
+    if predictor.incomplete:
+        log(f"fold(s) {', '.join(map(str, predictor.incomplete))} not complete: predicting with the finished ones")
     # Check the columns before the slow part too; write_submission checks again on the real matrix.
     align_columns(np.zeros((1, len(predictor.output_classes))), predictor.output_classes, columns)
     probs, bad = predictor.predict_paths(test.paths, progress=True)

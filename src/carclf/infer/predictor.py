@@ -1,55 +1,54 @@
-"""``Predictor``: the one way to turn images into calibrated probabilities (``predict`` and the demo use it; serving
-and export are to go through it too, so training-time and serving-time preprocessing cannot drift apart)."""
+"""``Predictor``: the one way to turn images into calibrated probabilities. ``predict``, the demo and (to come)
+serving and export all go through it, so training-time and serving-time preprocessing cannot drift apart."""
 
 from __future__ import annotations
 
-import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from carclf.calibrate.temperature import fold_dirs, fold_number, read_temperature
-from carclf.config import read_config
-from carclf.data.dataset import ImageDataset
-from carclf.data.imageio import to_rgb
+from carclf.data.dataset import ImageDataset, make_loader
+from carclf.data.imageio import ImageSource
 from carclf.data.merges import MergeMap, identity
 from carclf.data.transforms import batch_normalize, data_config_for, eval_transform
 from carclf.errors import CarclfError
-from carclf.infer.engine import batch_logits
 from carclf.models.factory import load_fold_model
-from carclf.train.runtime import amp_dtype, select_device
+from carclf.models.forward import batch_logits
+from carclf.rundir import RunDir
+from carclf.runtime import amp_dtype, select_device
 
 
 class Predictor:
-    """Every trained fold of a run, its temperature, and the run's eval preprocessing.
+    """Every completed fold of a run, its temperature, and the run's eval preprocessing.
 
     Per fold: logits (averaged over the photo and its mirror when ``predict.tta_hflip``) / T -> softmax; the folds'
-    probabilities are averaged.
+    probabilities are averaged, then shared out over the submission's columns (merged and dropped classes).
     """
 
     def __init__(self, run_dir: Path | str, device: str = "auto", folds: list[int] | None = None) -> None:
-        self.run_dir = Path(run_dir)
-        self.cfg = read_config(self.run_dir / "config.yaml")
-        meta = self.run_dir / "run.json"
-        if not meta.is_file():
-            raise CarclfError(f"'{meta}' not found: '{self.run_dir}' was never trained")
-        run_meta = json.loads(meta.read_text(encoding="utf-8"))
+        self.run = RunDir.open(run_dir)
+        self.run_dir = self.run.path
+        self.cfg = self.run.read_config()
+        run_meta = self.run.read_meta()
         self.classes: list[str] = run_meta["classes"]  # the model's outputs
         self.merge = MergeMap.from_dict(run_meta["merge"]) if "merge" in run_meta else identity(self.classes)
         # What predict_* return: every original class name, merged groups shared out by data.merge_split.
         self.output_classes: list[str] = self.merge.original
         self.device = select_device(device)
         # Only completed folds (with out-of-fold logits): an interrupted fold's best.pt is not a finished model.
-        dirs = fold_dirs(self.run_dir)
+        chosen = self.run.completed_folds()
         if folds is not None:
-            dirs = [d for d in dirs if fold_number(d) in folds]
-            if not dirs:
+            chosen = [k for k in chosen if k in folds]
+            if not chosen:
                 raise CarclfError(f"'{self.run_dir}' has none of the folds {folds} completed")
-        self.folds = [fold_number(d) for d in dirs]
-        self.temperatures = [read_temperature(d) for d in dirs]
-        self.models = [load_fold_model(self.cfg, d / "best.pt", len(self.classes), self.device) for d in dirs]
+        self.folds = chosen
+        self.incomplete = self.run.incomplete_folds()
+        self.temperatures = [self.run.temperature(k) for k in chosen]
+        self.models = [
+            load_fold_model(self.cfg, self.run.fold(k).best, len(self.classes), self.device) for k in chosen
+        ]
         self.data_config = data_config_for(self.cfg)
         self.transform = eval_transform(self.data_config)
         self.normalize = batch_normalize(self.data_config)
@@ -83,25 +82,35 @@ class Predictor:
         order = np.argsort(np.concatenate(idx))
         return self.merge.expand(np.concatenate(probs)[order]), np.concatenate(oks)[order]
 
-    def predict_paths(self, paths: list[Path], progress: bool = False, num_workers: int | None = None):
-        """Probabilities (rows = paths, columns = ``self.output_classes``) and the list of photos that failed to decode.
+    def predict(
+        self, sources: Sequence[ImageSource], progress: bool = False, num_workers: int | None = None,
+        fill_bad: bool = True,
+    ) -> tuple[np.ndarray, list[int]]:
+        """Probabilities (rows = ``sources``, columns = ``self.output_classes``) and the positions of the photos that
+        failed to decode. Sources are paths or encoded bytes (or binary file objects): the same decoding either way.
 
-        A failed photo gets the mean prediction of the others (the class prior the model sees), never a crash."""
+        With ``fill_bad`` a failed photo gets the mean prediction of the others (the class prior the model sees),
+        never a crash; without, its row is NaN."""
         size = self.data_config["input_size"][-1]
-        ds = ImageDataset(paths, None, self.transform, size, self.cfg.data.draft_factor,
+        ds = ImageDataset(sources, None, self.transform, size, self.cfg.data.draft_factor,
                           max_pixels=self.cfg.data.max_pixels)
         workers = self.cfg.data.num_workers if num_workers is None else num_workers
-        loader = DataLoader(ds, batch_size=self.cfg.predict.batch_size, num_workers=workers)
+        loader = make_loader(ds, self.cfg.predict.batch_size, workers, pin_memory=self.device.type == "cuda")
         probs, ok = self._probs(loader, progress)
-        bad = [str(paths[i]) for i in np.where(~ok)[0]]
+        bad = np.where(~ok)[0].tolist()
         if bad:
-            n = len(self.output_classes)
-            prior = probs[ok].mean(axis=0) if ok.any() else np.full(n, 1 / n)
-            probs[~ok] = prior
+            if fill_bad:
+                n = len(self.output_classes)
+                probs[~ok] = probs[ok].mean(axis=0) if ok.any() else np.full(n, 1 / n)
+            else:
+                probs[~ok] = np.nan
         return probs, bad
 
-    def predict_images(self, images: list) -> np.ndarray:
-        """Probabilities for PIL images already in memory (the serving path)."""
-        x = torch.stack([self.transform(to_rgb(img)) for img in images])
-        loader = [(x, torch.zeros(len(x)), torch.arange(len(x)), torch.ones(len(x), dtype=torch.bool))]
-        return self._probs(loader, progress=False)[0]
+    def predict_paths(self, paths: list[Path], progress: bool = False, num_workers: int | None = None):
+        """:meth:`predict` over files; returns the probabilities and the paths that failed to decode."""
+        probs, bad = self.predict(paths, progress, num_workers)
+        return probs, [str(paths[i]) for i in bad]
+
+    def predict_images(self, images: Sequence[ImageSource], fill_bad: bool = False) -> tuple[np.ndarray, list[int]]:
+        """:meth:`predict` over photos in memory (encoded bytes, as an upload arrives), in this process."""
+        return self.predict(images, num_workers=0, fill_bad=fill_bad)

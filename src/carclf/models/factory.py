@@ -182,9 +182,10 @@ def load_fold_model(cfg: Config, checkpoint: Path, num_classes: int, device: tor
     """A trained fold's model from its ``best.pt``, on ``device``, in eval mode and the run's memory format."""
     model = create_model(cfg.model, num_classes, pretrained=False)
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
-    except (OSError, KeyError, RuntimeError) as exc:
-        raise CarclfError(f"cannot read checkpoint '{checkpoint}': {exc}") from exc
+        # weights_only: a checkpoint is tensors and plain containers; unpickling one never runs code from it.
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
+    except Exception as exc:  # noqa: BLE001 - unpickling errors vary; all mean "not a checkpoint carclf wrote"
+        raise CarclfError(f"cannot read checkpoint '{checkpoint}': {type(exc).__name__}: {exc}") from exc
     model.load_state_dict(state)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)

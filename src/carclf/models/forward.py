@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from carclf.train.runtime import autocast
+from carclf.runtime import autocast
 
 
 def batch_logits(

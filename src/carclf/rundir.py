@@ -1,0 +1,328 @@
+"""``RunDir``: the one owner of a run directory's layout, its marker, its locks and which folds are complete.
+
+::
+
+    runs/<name>/
+      .carclf-run          marker: this folder was made by carclf (JSON: version, name, created)
+      .locks/              run.lock (short: shared files) and fold<k>.lock (held while fold k trains)
+      config.yaml          the resolved config
+      run.json             classes, merges, data root, folds file, counts
+      folds.csv            the split this run trained on
+      skipped.csv          photos left out of training, with the reason
+      evaluation.json      written by ``carclf evaluate``
+      fold<k>/             best.pt  last.pt  metrics.csv  oof.npz  summary.json  calibration.json
+
+Train, calibrate, evaluate and the Predictor reach these files through this module only. ``--overwrite`` deletes
+a folder only when it carries the marker and holds nothing carclf did not write; locks are ``filelock`` locks
+(``fcntl``/``msvcrt``), released by the OS when a process dies, so a killed run never leaves a stale lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from carclf.config import Config, read_config
+from carclf.errors import CarclfError
+from carclf.io import atomic_write_text
+
+MARKER = ".carclf-run"
+LOCKS = ".locks"
+FOLD_RE = re.compile(r"fold(\d+)")
+TOP_FILES = {"config.yaml", "run.json", "folds.csv", "skipped.csv", "evaluation.json", MARKER}
+FOLD_FILES = {"best.pt", "last.pt", "metrics.csv", "oof.npz", "summary.json", "calibration.json"}
+RUN_LOCK_TIMEOUT = 120.0  # seconds to wait for another process's short update of the shared files
+
+
+def _is_temp(name: str) -> bool:
+    """An atomic write's temp file (``.<name>.<random>.tmp``), left behind only if a process was killed mid-write."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+@dataclass(frozen=True)
+class FoldPaths:
+    """The files of one fold."""
+
+    k: int
+    dir: Path
+
+    @property
+    def best(self) -> Path:
+        return self.dir / "best.pt"
+
+    @property
+    def last(self) -> Path:
+        return self.dir / "last.pt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.dir / "metrics.csv"
+
+    @property
+    def oof(self) -> Path:
+        return self.dir / "oof.npz"
+
+    @property
+    def summary(self) -> Path:
+        return self.dir / "summary.json"
+
+    @property
+    def calibration(self) -> Path:
+        return self.dir / "calibration.json"
+
+    @property
+    def complete(self) -> bool:
+        """A fold is complete once its out-of-fold logits are written (the last thing training does)."""
+        return self.oof.is_file() and self.best.is_file()
+
+
+class RunDir:
+    """A run directory: ``RunDir(path)`` names it; :meth:`open` checks that it is one."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._run_lock_depth = 0  # run_lock is re-entrant within one RunDir object
+
+    def __repr__(self) -> str:
+        return f"RunDir('{self.path}')"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    # ------------------------------------------------------------------------------------------------ layout
+    @property
+    def marker(self) -> Path:
+        return self.path / MARKER
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def meta_path(self) -> Path:
+        return self.path / "run.json"
+
+    @property
+    def folds_csv(self) -> Path:
+        return self.path / "folds.csv"
+
+    @property
+    def skipped_csv(self) -> Path:
+        return self.path / "skipped.csv"
+
+    @property
+    def evaluation_json(self) -> Path:
+        return self.path / "evaluation.json"
+
+    def fold(self, k: int) -> FoldPaths:
+        return FoldPaths(k, self.path / f"fold{k}")
+
+    def fold_numbers(self) -> list[int]:
+        """Every fold that has a folder, complete or not."""
+        if not self.path.is_dir():
+            return []
+        found = (FOLD_RE.fullmatch(p.name) for p in self.path.iterdir() if p.is_dir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def completed_folds(self) -> list[int]:
+        return [k for k in self.fold_numbers() if self.fold(k).complete]
+
+    def incomplete_folds(self) -> list[int]:
+        return [k for k in self.fold_numbers() if not self.fold(k).complete]
+
+    # ------------------------------------------------------------------------------------------------ state
+    def is_run(self) -> bool:
+        """Made by carclf: the marker, or (runs from before the marker existed) config.yaml beside run.json."""
+        return self.marker.is_file() or (self.config_path.is_file() and self.meta_path.is_file())
+
+    def exists_nonempty(self) -> bool:
+        return self.path.is_dir() and any(p.name != LOCKS for p in self.path.iterdir())
+
+    @classmethod
+    def open(cls, path: Path | str, need_folds: bool = True) -> RunDir:
+        """An existing run; with ``need_folds``, one with at least one complete fold."""
+        rd = cls(path)
+        if not rd.path.is_dir():
+            raise CarclfError(f"'{rd.path}' does not exist: give the run directory, e.g. runs/<name>")
+        if not rd.is_run() or not rd.config_path.is_file():
+            raise CarclfError(f"'{rd.path}' is not a carclf run directory (no {MARKER} and config.yaml)")
+        if need_folds and not rd.completed_folds():
+            raise CarclfError(f"'{rd.path}' has no completed fold (no fold*/oof.npz): train it first")
+        return rd
+
+    def read_config(self) -> Config:
+        return read_config(self.config_path)
+
+    def read_meta(self) -> dict[str, Any]:
+        if not self.meta_path.is_file():
+            raise CarclfError(f"'{self.meta_path}' not found: '{self.path}' was never trained")
+        return json.loads(self.meta_path.read_text(encoding="utf-8"))
+
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        atomic_write_text(self.meta_path, json.dumps(meta, ensure_ascii=False, indent=1))
+
+    def temperature(self, k: int) -> float:
+        """Fold k's fitted temperature, 1.0 before ``carclf calibrate``."""
+        path = self.fold(k).calibration
+        return float(json.loads(path.read_text(encoding="utf-8"))["temperature"]) if path.is_file() else 1.0
+
+    # ------------------------------------------------------------------------------------------------ creation
+    def create(self, cfg: Config) -> None:
+        """Write the marker and the resolved config (call with :meth:`run_lock` held)."""
+        from carclf import __version__
+        from carclf.config import save_config
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        if not self.marker.is_file():
+            marker = {"kind": "carclf run", "name": cfg.name, "carclf": __version__,
+                      "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            atomic_write_text(self.marker, json.dumps(marker, indent=1) + "\n")
+        save_config(cfg, self.config_path)
+
+    def clear(self, protect: list[Path] = (), dry_run: bool = False) -> None:
+        """Delete what carclf wrote here (``--overwrite``), keeping the lock files; refuse a folder carclf did not
+        make, one holding files carclf did not write, one with a fold in training, or one that holds ``protect``.
+        ``dry_run``: only check."""
+        owned = _owned_entries(self.path, MARKER, _run_entry_known, "run directory")
+        here = self.path.resolve()
+        for p in protect:
+            p = Path(p).resolve()
+            if p == here or here in p.parents:
+                raise CarclfError(f"--overwrite: '{self.path}' holds '{p}', which carclf must not delete")
+        for k in self.fold_numbers():
+            with self.fold_lock(k, "--overwrite"):
+                pass
+        if dry_run:
+            return
+        for entry in owned:
+            if entry.name != LOCKS:
+                _remove(entry)
+
+    # ------------------------------------------------------------------------------------------------ locks
+    def _lock_path(self, name: str) -> Path:
+        d = self.path / LOCKS
+        d.mkdir(parents=True, exist_ok=True)
+        return d / name
+
+    @contextlib.contextmanager
+    def run_lock(self) -> Iterator[None]:
+        """Held briefly while a process writes the files folds share (config, run.json, folds.csv, skipped.csv).
+        Re-entrant within this object."""
+        from filelock import FileLock, Timeout
+
+        if self._run_lock_depth:
+            self._run_lock_depth += 1
+            try:
+                yield
+            finally:
+                self._run_lock_depth -= 1
+            return
+        lock = FileLock(self._lock_path("run.lock"), timeout=RUN_LOCK_TIMEOUT)
+        try:
+            lock.acquire()
+        except Timeout as exc:
+            raise CarclfError(
+                f"'{self.path}' has been locked by another carclf process for {RUN_LOCK_TIMEOUT:.0f} s: "
+                "wait for it, or end it"
+            ) from exc
+        self._run_lock_depth = 1
+        try:
+            yield
+        finally:
+            self._run_lock_depth = 0
+            lock.release()
+
+    @contextlib.contextmanager
+    def fold_lock(self, k: int, doing: str = "training") -> Iterator[None]:
+        """Held while fold k trains; a second process that wants the same fold is refused at once."""
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(self._lock_path(f"fold{k}.lock"))
+        try:
+            lock.acquire(blocking=False)
+        except Timeout as exc:
+            raise CarclfError(
+                f"fold {k} of '{self.path}' is being trained by another process, so {doing} cannot touch it: wait "
+                "for it to finish, or train another fold (train.folds=...) with --resume"
+            ) from exc
+        try:
+            yield
+        finally:
+            lock.release()
+
+    # ------------------------------------------------------------------------------------------------ skipped
+    def update_skipped(self, new: dict[str, str]) -> None:
+        """Add rows (path -> reason) to ``skipped.csv``, keeping what other folds and processes recorded."""
+        with self.run_lock():
+            rows: dict[str, str] = {}
+            if self.skipped_csv.is_file():
+                with self.skipped_csv.open(encoding="utf-8", newline="") as fh:
+                    rows = {r["path"]: r["reason"] for r in csv.DictReader(fh)}
+            rows.update(new)
+            buf = io.StringIO()
+            w = csv.writer(buf, lineterminator="\n")
+            w.writerow(["path", "reason"])
+            for p, reason in sorted(rows.items()):
+                w.writerow([p, reason])
+            atomic_write_text(self.skipped_csv, buf.getvalue())
+
+    def copy_folds(self, source: Path) -> None:
+        """Record the split (called with :meth:`run_lock` held)."""
+        tmp = self.folds_csv.with_name(".folds.csv.copy.tmp")
+        shutil.copyfile(source, tmp)
+        tmp.replace(self.folds_csv)
+
+
+def _run_entry_known(entry: Path) -> bool:
+    name = entry.name
+    if name == LOCKS or _is_temp(name):
+        return True
+    if entry.is_dir() and FOLD_RE.fullmatch(name):
+        return all(c.name in FOLD_FILES or _is_temp(c.name) for c in entry.iterdir())
+    return name in TOP_FILES and entry.is_file()
+
+
+def _owned_entries(folder: Path, marker: str, known: Callable[[Path], bool], what: str) -> list[Path]:
+    """The entries of ``folder``, once it is sure carclf made it (``marker``) and wrote every one of them."""
+    if not (folder / marker).is_file():
+        raise CarclfError(
+            f"--overwrite: '{folder}' was not made by carclf (it has no {marker} marker), so it is not deleted. "
+            "Choose another name, or move or delete the folder yourself."
+        )
+    entries = list(folder.iterdir())
+    unknown = [e for e in entries if not known(e)]
+    if unknown:
+        listed = ", ".join(f"'{e.name}'" for e in unknown[:5])
+        raise CarclfError(
+            f"--overwrite: the {what} '{folder}' holds things carclf did not write ({listed}"
+            f"{', ...' if len(unknown) > 5 else ''}), so nothing was deleted. Move them out first, or choose another "
+            "name."
+        )
+    return entries
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry)
+    else:
+        entry.unlink()
+
+
+def clear_owned_folder(folder: Path, marker: str, known_names: set[str], what: str) -> None:
+    """Delete a folder's contents that carclf made (``--overwrite`` of the demo): only with the marker, and only
+    when every top-level entry is one of ``known_names``."""
+    entries = _owned_entries(folder, marker, lambda e: e.name in known_names or _is_temp(e.name), what)
+    for entry in entries:
+        _remove(entry)
+
+
+__all__ = ["MARKER", "FoldPaths", "RunDir", "clear_owned_folder"]

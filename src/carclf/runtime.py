@@ -1,0 +1,108 @@
+"""Device, precision, seeding and process topology: the thin layer below ``train`` and ``infer``.
+
+Both use it; neither imports the other. What a GPU box needs lives here too (cuDNN autotuning, TF32 matmuls where
+the recipe allows them, the process's rank and world size under ``torchrun``), so the loops stay the same on a
+laptop CPU and on eight GPUs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from carclf.errors import CarclfError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in a ``torchrun`` launch (rank 0 of 1 when run plainly)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process writes checkpoints, metrics and tracking records."""
+        return self.rank == 0
+
+
+def dist_info() -> DistInfo:
+    """Read ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` as ``torchrun`` sets them."""
+    try:
+        return DistInfo(
+            rank=int(os.environ.get("RANK", 0)),
+            world_size=int(os.environ.get("WORLD_SIZE", 1)),
+            local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        )
+    except ValueError as exc:
+        raise CarclfError(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers (as torchrun sets them): {exc}") from exc
+
+
+def select_device(spec: str = "auto") -> torch.device:
+    """``auto``: this process's GPU (its local rank under torchrun) when CUDA is there, else the CPU."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", dist_info().local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError as exc:
+        raise CarclfError(f"device '{spec}' is not a device: use auto, cpu, cuda or cuda:N") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CarclfError(f"device '{spec}' but CUDA is not available here: use train.device=cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CarclfError(f"device '{spec}' but this machine has {torch.cuda.device_count()} GPU(s)")
+    return dev
+
+
+def configure_backends(device: torch.device, tf32: bool = True, cudnn_benchmark: bool = True) -> None:
+    """Settings a GPU run wants: cuDNN picks the fastest kernels for the fixed input size, and float32 matrix
+    products may use TF32 on Ampere and newer (about 10 significant bits; off for recipes that need full fp32).
+    Nothing changes on the CPU."""
+    if device.type != "cuda":
+        return
+    torch.cuda.set_device(device)
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
+def amp_dtype(spec: str, device: torch.device) -> torch.dtype | None:
+    """Mixed precision only on CUDA: bf16 where supported (no loss scaling needed), else fp16."""
+    if device.type != "cuda" or spec == "off":
+        return None
+    if spec == "fp16":
+        return torch.float16
+    if spec == "bf16" and not torch.cuda.is_bf16_supported():
+        raise CarclfError("train.amp=bf16 but this GPU has no bfloat16 support: use train.amp=fp16 or auto")
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler | None:
+    """fp16 needs loss scaling (a step whose gradients overflow is skipped and the scale lowered); bf16 and fp32
+    do not."""
+    return torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every RNG of this process, so what follows is a pure function of (state, seed)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
