@@ -29,15 +29,20 @@ def test_cli_end_to_end(synth_data, tmp_path, capsys):
     p = np.array([[float(v) for v in r[1:]] for r in rows[1:]])
     np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-6)
     # The serving path (bytes in memory) and the batch path (files) give the same probabilities.
+    from PIL import Image
+
     from carclf.infer.predictor import Predictor
 
     predictor = Predictor(tmp_path / "t")
     photo = sorted((synth_data / "test").iterdir())[0]
-    from_file, bad = predictor.predict_paths([photo])
-    from_memory, bad_memory = predictor.predict_images([photo.read_bytes()])
+    big = tmp_path / "big.jpg"  # large enough for draft-mode decoding from disk
+    with Image.open(photo) as img:
+        img.resize((1800, 1350)).save(big, quality=92)
+    from_file, bad = predictor.predict_paths([photo, big])
+    from_memory, bad_memory = predictor.predict_images([photo.read_bytes(), big.read_bytes()])
     assert not bad
     assert not bad_memory
-    np.testing.assert_allclose(from_memory, from_file, atol=1e-6)
+    np.testing.assert_array_equal(from_memory, from_file)
     assert main(["evaluate", str(tmp_path / "t")]) == 0
     table = capsys.readouterr().out
     assert "log_loss" in table
@@ -86,3 +91,25 @@ def test_predict_bad_inputs(synth_data, tmp_path, capsys):
     assert second.name in capsys.readouterr().out
     with (tmp_path / "s.csv").open(encoding="utf-8") as fh:
         assert len(list(csv.reader(fh))) == len(rows)
+
+
+def test_prepare_and_help_load_neither_torch_nor_timm(synth_data, tmp_path):
+    """`carclf prepare` hashes photos; it must not pay torch's and timm's import time (seconds)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from carclf.cli import main\n"
+        "for argv in (['--help'], ['prepare', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        f"assert main(['prepare', {str(synth_data)!r}, '--out-dir', {str(tmp_path)!r}, '--report']) == 0\n"
+        "print('HEAVY', sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'torchvision')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY []" in out.stdout
+    assert (tmp_path / "prepare" / "data" / "report.html").is_file()

@@ -20,3 +20,28 @@ def test_demo_runs_every_step_and_refuses_to_clobber(tmp_path, capsys):
     assert 0 <= summary["test_accuracy"] <= 1
     with pytest.raises(CarclfError, match="already holds an earlier demo"):
         run_demo(tmp_path / "demo", overrides=over, spec=spec)
+
+
+def test_demo_overwrite_never_deletes_a_folder_it_did_not_make(tmp_path):
+    mine = tmp_path / "my photos"
+    mine.mkdir()
+    (mine / "car.jpg").write_bytes(b"precious")
+    with pytest.raises(CarclfError, match="already holds files of yours"):
+        run_demo(mine)
+    with pytest.raises(CarclfError, match="was not made by carclf"):
+        run_demo(mine, overwrite=True)
+    assert (mine / "car.jpg").read_bytes() == b"precious"
+
+
+def test_demo_overwrite_keeps_what_a_user_added(tmp_path):
+    from carclf.demo.run import DEMO_MARKER
+
+    demo = tmp_path / "데모 폴더"
+    demo.mkdir()
+    (demo / DEMO_MARKER).write_text("{}")
+    (demo / "runs").mkdir()
+    (demo / "my notes.txt").write_text("mine")
+    with pytest.raises(CarclfError, match="did not write"):
+        run_demo(demo, overwrite=True)
+    assert (demo / "my notes.txt").read_text() == "mine"
+    assert (demo / "runs").is_dir()

@@ -55,3 +55,29 @@ def test_dataset_applies_the_configured_pixel_limit(tmp_path):
         assert relaxed[0][3] is True
     finally:
         Image.MAX_IMAGE_PIXELS = original
+
+
+def test_photos_in_memory_and_on_disk_give_the_same_pixels(tmp_path):
+    """One decoding path: a large JPEG read from disk (draft mode) and the same bytes uploaded to a server give
+    identical model inputs."""
+    import io
+
+    import torch
+
+    from carclf.config import load_config
+    from carclf.data.dataset import ImageDataset
+    from carclf.data.transforms import data_config_for, eval_transform
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "large.jpg"
+    Image.fromarray(rng.integers(0, 255, (1600, 2100, 3), dtype=np.uint8)).save(path, quality=85)
+    data = path.read_bytes()
+    dcfg = data_config_for(load_config(None, ["data.img_size=160"]))
+    ds = ImageDataset([path, data, io.BytesIO(data), Image.open(path)], None, eval_transform(dcfg), 160)
+    tensors = [ds[i][0] for i in range(4)]
+    assert all(ds[i][3] for i in range(4))
+    for t in tensors[1:]:
+        assert torch.equal(t, tensors[0])
+    # Draft mode really was used: a full decode resized the same way gives different pixels.
+    full = eval_transform(dcfg)(load_rgb(path))
+    assert not torch.equal(full, tensors[0])

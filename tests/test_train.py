@@ -134,3 +134,150 @@ def test_photo_that_breaks_mid_epoch_is_listed_not_fatal(synth_data, tmp_path, m
     with (run / "skipped.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert (str(victim), "failed to decode during training") in [(r["path"], r["reason"]) for r in rows]
+
+
+def _copy(synth_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(synth_data, data)
+    return data, sorted(p for p in (data / "train").iterdir() if p.is_dir())
+
+
+def test_a_small_class_merged_into_its_twin_trains(synth_data, tmp_path):
+    """merges.yaml rescues a class with fewer photos than folds (the fold check counts it with its group)."""
+    data, classes = _copy(synth_data, tmp_path)
+    small, twin = classes[0], classes[1]
+    for photo in sorted(small.glob("*.jpg"))[1:]:
+        photo.unlink()  # one photo left: fewer than the 2 folds
+    cfg = load_config(None, tiny_overrides(data, tmp_path))
+    with pytest.raises(CarclfError, match=r"fewer usable photos than the 2 folds.*merge"):
+        train(cfg, log=lambda s: None)
+    (data / "merges.yaml").write_text(f"merges:\n  - ['{twin.name}', '{small.name}']\n", encoding="utf-8")
+    run = train(load_config(None, tiny_overrides(data, tmp_path, name="merged")), log=lambda s: None)
+    import json
+
+    meta = json.loads((run / "run.json").read_text(encoding="utf-8"))
+    assert small.name not in meta["classes"]
+    assert len(meta["classes"]) == len(classes) - 1
+
+
+def test_a_class_with_no_usable_photo_stops_or_is_dropped_by_policy(synth_data, tmp_path):
+    data, classes = _copy(synth_data, tmp_path)
+    empty = classes[2]
+    for photo in empty.glob("*.jpg"):
+        photo.write_bytes(b"")  # every photo of the class is a zero-byte file
+    with pytest.raises(CarclfError, match=rf"no usable photo left.*'{empty.name}'.*data.empty_class=drop"):
+        train(load_config(None, tiny_overrides(data, tmp_path)), log=lambda s: None)
+    logs = []
+    over = tiny_overrides(data, tmp_path, **{"data.empty_class": "drop", "train.folds": "all"})
+    run = train(load_config(None, over), log=logs.append)
+    assert any(line.startswith("warning: training without 1 class") and empty.name in line for line in logs)
+    from carclf.infer.predict import predict_run
+
+    sub, _ = predict_run(run, data, tmp_path / "sub.csv", log=lambda s: None)
+    with sub.open(encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert all(float(r[empty.name]) == pytest.approx(1e-4, rel=1e-3) for r in rows)  # data.dropped_class_prob
+    assert all(sum(float(v) for k, v in r.items() if k != "ID") == pytest.approx(1.0) for r in rows)
+    from carclf.analyze.evaluate import evaluate_run
+
+    assert evaluate_run(run)[-1]["log_loss"] > 0
+
+
+def test_ema_decay_is_logged_and_warmup_is_a_choice(synth_data, tmp_path):
+    over = {"train.epochs": 2, "train.ema_decay": 0.9}
+    run = train(load_config(None, tiny_overrides(synth_data, tmp_path / "w", **over)), log=lambda s: None)
+    rows = _metrics(run)
+    for r in rows:  # timm's warm-up after `step` updates: 1 - step^(-2/3), capped at train.ema_decay
+        assert float(r["ema_decay"]) == pytest.approx(min(0.9, 1 - int(r["step"]) ** (-2 / 3)), rel=1e-5)
+    assert float(rows[0]["ema_decay"]) < 0.9  # still warming up after the first epoch's few updates
+    plain = train(load_config(None, tiny_overrides(synth_data, tmp_path / "p", **over, **{"train.ema_warmup": False})),
+                  log=lambda s: None)
+    assert [float(r["ema_decay"]) for r in _metrics(plain)] == [0.9, 0.9]
+
+
+def test_learning_rate_is_not_rescaled_unless_asked(synth_data, tmp_path):
+    import json
+
+    logs = []
+    over = {"data.batch_size": 8, "train.lr": 2e-3}
+    run = train(load_config(None, tiny_overrides(synth_data, tmp_path / "a", **over)), log=logs.append)
+    assert json.loads((run / "run.json").read_text())["lr_effective"] == 2e-3
+    assert json.loads((run / "fold0" / "summary.json").read_text())["lr_effective"] == 2e-3
+    assert any("lr 0.002, EMA decay" in line for line in logs)
+    scaled = train(load_config(None, tiny_overrides(synth_data, tmp_path / "b", **over, **{"train.lr_base_size": 32})),
+                   log=logs.append)
+    assert json.loads((scaled / "run.json").read_text())["lr_effective"] == pytest.approx(5e-4)
+    assert any("lr 0.0005 = train.lr 0.002 x linear scaling to batch 8 from 32" in line for line in logs)
+
+
+def _parts_and_loader(synth_data, tmp_path, inf_at_step, scaler):
+    from carclf.data.dataset import ImageDataset, make_loader
+    from carclf.data.scan import scan_train
+    from carclf.data.transforms import data_config_for, eval_transform
+    from carclf.train.loop import build_fold
+
+    cfg = load_config(None, tiny_overrides(synth_data, tmp_path))
+    ts = scan_train(synth_data)
+    ds = ImageDataset(ts.paths[:32], ts.labels[:32], eval_transform(data_config_for(cfg)), 64)
+    parts = build_fold(cfg, len(ts.classes), 2, torch.device("cpu"))
+    real = parts["criterion"]
+    calls = []
+
+    def criterion(out, y):
+        calls.append(1)
+        loss = real(out, y)
+        return loss * float("inf") if len(calls) == inf_at_step else loss
+
+    parts["criterion"] = criterion
+    parts["scaler"] = scaler
+    return cfg, parts, make_loader(ds, 16, 0)
+
+
+def test_non_finite_loss_is_skipped_under_fp16_loss_scaling(synth_data, tmp_path):
+    from carclf.train.loop import train_one_epoch
+
+    scaler = torch.amp.GradScaler("cpu")
+    cfg, parts, loader = _parts_and_loader(synth_data, tmp_path, inf_at_step=1, scaler=scaler)
+    before = {k: v.clone() for k, v in parts["model"].state_dict().items()}
+    scale = scaler.get_scale()
+    out = train_one_epoch(parts, loader, cfg, torch.device("cpu"), 0, 0, "t")
+    assert out["skipped"] == 1
+    assert out["step"] == 2
+    assert scaler.get_scale() < scale  # GradScaler lowered the scale after the overflow
+    assert torch.isfinite(torch.tensor(out["loss"]))
+    after = parts["model"].state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the finite step still trained
+
+
+def test_non_finite_loss_stops_fp32_training_naming_epoch_and_step(synth_data, tmp_path):
+    from carclf.train.loop import train_one_epoch
+
+    cfg, parts, loader = _parts_and_loader(synth_data, tmp_path, inf_at_step=2, scaler=None)
+    with pytest.raises(CarclfError, match=r"diverged: loss inf in epoch 4, step 2 of 2"):
+        train_one_epoch(parts, loader, cfg, torch.device("cpu"), 6, 3, "t")
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch EVIL_RAN",))
+
+
+def test_checkpoints_from_elsewhere_never_run_code(synth_data, tmp_path, monkeypatch):
+    """A run directory received from someone else: a pickled payload in best.pt or last.pt is refused, not run."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, tiny_overrides(synth_data, tmp_path, **{"train.epochs": 2}))
+    run = train(cfg, log=lambda s: None)
+    good = torch.load(run / "fold0" / "best.pt", weights_only=True)
+    torch.save({**good, "extra": _Evil()}, run / "fold0" / "best.pt")
+    from carclf.infer.predictor import Predictor
+
+    with pytest.raises(CarclfError, match="cannot read checkpoint"):
+        Predictor(run)
+    state = torch.load(run / "fold0" / "last.pt", weights_only=True)
+    torch.save({**state, "epoch": 0, "extra": _Evil()}, run / "fold0" / "last.pt")
+    (run / "fold0" / "oof.npz").unlink()  # unfinished: resume reads last.pt
+    with pytest.raises(CarclfError, match="cannot resume from"):
+        train(cfg, resume=True, log=lambda s: None)
+    assert not (tmp_path / "EVIL_RAN").exists()

@@ -198,7 +198,9 @@ class RunDir:
             p = Path(p).resolve()
             if p == here or here in p.parents:
                 raise CarclfError(f"--overwrite: '{self.path}' holds '{p}', which carclf must not delete")
-        for k in self.fold_numbers():
+        locks = self.path / LOCKS
+        held = {int(m.group(1)) for m in (FOLD_RE.fullmatch(f.stem) for f in locks.glob("fold*.lock")) if m}
+        for k in sorted(held | set(self.fold_numbers())):
             with self.fold_lock(k, "--overwrite"):
                 pass
         if dry_run:

@@ -33,7 +33,7 @@ from carclf.rundir import FoldPaths, RunDir
 from carclf.runtime import amp_dtype, autocast, configure_backends, grad_scaler, seed_everything, select_device
 
 METRIC_FIELDS = [
-    "epoch", "train_loss", "val_log_loss", "val_accuracy", "val_top5", "lr", "ema_decay", "skipped_steps",
+    "epoch", "step", "train_loss", "val_log_loss", "val_accuracy", "val_top5", "lr", "ema_decay", "skipped_steps",
     "images_per_s", "data_wait", "seconds",
 ]
 # Keys a resumed run may change; anything else must match the run it continues.
@@ -380,8 +380,8 @@ def train_fold(
         bad.extend(int(va_idx[i]) for i in order[~ok])
         s = score(softmax(logits[ok]), val_labels[order[ok]])
         row = {
-            "epoch": epoch, "train_loss": out["loss"], "val_log_loss": s["log_loss"], "val_accuracy": s["accuracy"],
-            "val_top5": s["top5"], "lr": parts["optimizer"].param_groups[0]["lr"],
+            "epoch": epoch, "step": step, "train_loss": out["loss"], "val_log_loss": s["log_loss"],
+            "val_accuracy": s["accuracy"], "val_top5": s["top5"], "lr": parts["optimizer"].param_groups[0]["lr"],
             "ema_decay": parts["ema"].get_decay(step) if parts["ema"] is not None else math.nan,
             "skipped_steps": out["skipped"], "images_per_s": len(train_loader) * bs / out["seconds"],
             "data_wait": out["wait"] / out["seconds"], "seconds": out["seconds"],
