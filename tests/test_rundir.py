@@ -146,3 +146,11 @@ def test_two_processes_train_different_folds_of_one_run_at_once(synth_data, tmp_
     assert (rd.path / ".carclf-run").is_file()
     with rd.skipped_csv.open(encoding="utf-8") as fh:
         assert all(r["reason"] for r in csv.DictReader(fh))
+
+
+def test_overwrite_clears_a_run_made_before_the_marker_existed(tmp_path):
+    rd = _fake_run(tmp_path / "old")
+    rd.marker.unlink()
+    rd.write_meta({"classes": ["a"]})  # config.yaml beside run.json: the signature of an older carclf run
+    rd.clear()
+    assert not rd.config_path.exists()

@@ -192,7 +192,8 @@ class RunDir:
         """Delete what carclf wrote here (``--overwrite``), keeping the lock files; refuse a folder carclf did not
         make, one holding files carclf did not write, one with a fold in training, or one that holds ``protect``.
         ``dry_run``: only check."""
-        owned = _owned_entries(self.path, MARKER, _run_entry_known, "run directory")
+        # is_run(): the marker, or config.yaml beside run.json for runs made before the marker existed.
+        owned = _owned_entries(self.path, self.is_run(), MARKER, _run_entry_known, "run directory")
         here = self.path.resolve()
         for p in protect:
             p = Path(p).resolve()
@@ -293,9 +294,9 @@ def _run_entry_known(entry: Path) -> bool:
     return name in TOP_FILES and entry.is_file()
 
 
-def _owned_entries(folder: Path, marker: str, known: Callable[[Path], bool], what: str) -> list[Path]:
-    """The entries of ``folder``, once it is sure carclf made it (``marker``) and wrote every one of them."""
-    if not (folder / marker).is_file():
+def _owned_entries(folder: Path, made: bool, marker: str, known: Callable[[Path], bool], what: str) -> list[Path]:
+    """The entries of ``folder``, once it is sure carclf ``made`` it and wrote every one of them."""
+    if not made:
         raise CarclfError(
             f"--overwrite: '{folder}' was not made by carclf (it has no {marker} marker), so it is not deleted. "
             "Choose another name, or move or delete the folder yourself."
@@ -322,7 +323,8 @@ def _remove(entry: Path) -> None:
 def clear_owned_folder(folder: Path, marker: str, known_names: set[str], what: str) -> None:
     """Delete a folder's contents that carclf made (``--overwrite`` of the demo): only with the marker, and only
     when every top-level entry is one of ``known_names``."""
-    entries = _owned_entries(folder, marker, lambda e: e.name in known_names or _is_temp(e.name), what)
+    made = (folder / marker).is_file()
+    entries = _owned_entries(folder, made, marker, lambda e: e.name in known_names or _is_temp(e.name), what)
     for entry in entries:
         _remove(entry)
 

@@ -61,12 +61,17 @@ class RunData:
         return self.merge.label_map[np.asarray(self.trainset.labels)]
 
     def usable(self) -> np.ndarray:
-        """True for the photos training may use (not quarantined, not a left-out copy or conflict)."""
-        return np.array([str(p) not in self.bad for p in self.trainset.paths], dtype=bool) & (self.labels >= 0)
+        return usable_mask(self.trainset, self.bad, self.labels)
 
     def split(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         good = self.usable()
         return np.where(good & (self.folds != k))[0], np.where(good & (self.folds == k))[0]
+
+
+def usable_mask(trainset: TrainSet, bad: dict[str, str], labels: np.ndarray) -> np.ndarray:
+    """True for the photos training may use: not quarantined, not a left-out copy or conflict, not of a dropped
+    class."""
+    return np.array([str(p) not in bad for p in trainset.paths], dtype=bool) & (labels >= 0)
 
 
 def merge_map_for(cfg: Config, trainset: TrainSet) -> MergeMap:
@@ -115,7 +120,7 @@ def load_run_data(cfg: Config, log: Callable[[str], None] = print) -> RunData:
     def units_per_class(m: MergeMap) -> np.ndarray:
         """What training can use per model class: photos (or duplicate groups), bad files and copies not counted."""
         labels = m.label_map[np.asarray(trainset.labels)]
-        usable = np.array([str(p) not in bad for p in trainset.paths], dtype=bool) & (labels >= 0)
+        usable = usable_mask(trainset, bad, labels)
         if groups is not None:
             first = np.unique(np.asarray(groups)[usable], return_index=True)[1]
             per_unit = labels[usable][first]
