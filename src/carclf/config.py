@@ -58,6 +58,9 @@ class AugConfig:
     re_prob: float = 0.0  # RandomErasing (Cutout) probability
     mixup: float = 0.0  # mixup alpha; 0 disables
     cutmix: float = 0.0  # cutmix alpha; 0 disables
+    mixup_prob: float = 1.0  # share of batches that get Mixup or CutMix (when either alpha is set)
+    mixup_switch_prob: float = 0.5  # with both set: share of those batches that get CutMix instead of Mixup
+    mixup_off_epoch: int = 0  # 0: never; N: from the N-th epoch (0-based) on train on clean photos (a clean tail)
 
 
 @dataclass
@@ -71,6 +74,17 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     min_lr: float = 1e-6
     label_smoothing: float = 0.1
+    loss: str = "ce"  # ce | focal | ce+focal  (soft Mixup/CutMix targets and label smoothing work with each)
+    focal_gamma: float = 2.0  # focal loss's focusing parameter; 0 makes it cross-entropy
+    focal_weight: float = 0.5  # with loss=ce+focal: loss = (1 - w) * CE + w * focal
+    class_weights: str = ""  # "" | balanced (inverse class frequency) | a CSV file class,weight
+    optimizer: str = "adamw"  # adamw | sgd (Nesterov momentum)
+    momentum: float = 0.9  # SGD momentum
+    layer_decay: float = 0.0  # 0: off; e.g. 0.75: each layer group further from the head gets lr x 0.75 (timm)
+    accum_steps: int = 1  # gradient accumulation: effective batch = data.batch_size x accum_steps
+    grad_checkpointing: bool = False  # recompute activations in backward (timm): less memory, ~30% slower
+    compile: bool = False  # torch.compile the training forward (opt in: compiling costs minutes up front)
+    freeze_epochs: int = 0  # warm start: train only the classifier for this many epochs, then the whole model
     ema: bool = True  # evaluate and keep an exponential moving average of the weights
     ema_decay: float = 0.998  # the EMA's decay (its ceiling while ema_warmup ramps it up)
     ema_warmup: bool = True  # timm's EMA warm-up: decay = min(ema_decay, 1 - (1 + step)^(-2/3)), logged per epoch
@@ -242,6 +256,17 @@ def validate(cfg: Config) -> None:
         (0 < cfg.data.dropped_class_prob < 0.01, "data.dropped_class_prob must be in (0, 0.01)"),
         (cfg.train.lr_base_size >= 0, "train.lr_base_size must be 0 (no scaling) or a batch size"),
         (cfg.train.lr_base_scale in {"linear", "sqrt"}, "train.lr_base_scale must be 'linear' or 'sqrt'"),
+        (0 <= cfg.aug.mixup_prob <= 1, "aug.mixup_prob must be in [0, 1]"),
+        (0 <= cfg.aug.mixup_switch_prob <= 1, "aug.mixup_switch_prob must be in [0, 1]"),
+        (cfg.aug.mixup_off_epoch >= 0, "aug.mixup_off_epoch must be 0 (never) or an epoch number"),
+        (cfg.train.loss in {"ce", "focal", "ce+focal"}, "train.loss must be one of ce, focal, ce+focal"),
+        (cfg.train.focal_gamma >= 0, "train.focal_gamma must be 0 or more"),
+        (0 <= cfg.train.focal_weight <= 1, "train.focal_weight must be in [0, 1]"),
+        (cfg.train.optimizer in {"adamw", "sgd"}, "train.optimizer must be 'adamw' or 'sgd'"),
+        (0 <= cfg.train.momentum < 1, "train.momentum must be in [0, 1)"),
+        (0 <= cfg.train.layer_decay <= 1, "train.layer_decay must be 0 (off) or in (0, 1]"),
+        (cfg.train.accum_steps >= 1, "train.accum_steps must be at least 1"),
+        (cfg.train.freeze_epochs >= 0, "train.freeze_epochs must be 0 or more"),
     ]
     for ok, message in checks:
         if not ok:

@@ -106,3 +106,32 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def versions() -> dict[str, str | bool | None]:
+    """What produced a run: Python, torch, timm and carclf versions, and the git commit of carclf's source (with a
+    flag for uncommitted changes) when it runs from a git checkout."""
+    import platform
+    import subprocess
+    from pathlib import Path
+
+    import timm
+
+    import carclf
+
+    out: dict[str, str | bool | None] = {
+        "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+        "carclf": carclf.__version__, "git_commit": None, "git_dirty": None,
+    }
+    src = Path(carclf.__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+        if commit.returncode == 0:
+            out["git_commit"] = commit.stdout.strip()
+            status = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no", "."],
+                                    capture_output=True, text=True, timeout=10)
+            out["git_dirty"] = bool(status.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass  # no git here: the versions still say what ran
+    return out

@@ -30,11 +30,20 @@ from carclf.io import atomic_savez, atomic_torch_save, atomic_write_text
 from carclf.models.factory import create_model, load_fold_model
 from carclf.models.forward import infer_logits
 from carclf.rundir import FoldPaths, RunDir
-from carclf.runtime import amp_dtype, autocast, configure_backends, grad_scaler, seed_everything, select_device
+from carclf.runtime import (
+    amp_dtype,
+    autocast,
+    configure_backends,
+    grad_scaler,
+    seed_everything,
+    select_device,
+    versions,
+)
+from carclf.train.losses import ClassificationLoss, class_weights_for
 
 METRIC_FIELDS = [
     "epoch", "step", "train_loss", "val_log_loss", "val_accuracy", "val_top5", "lr", "ema_decay", "skipped_steps",
-    "images_per_s", "data_wait", "seconds",
+    "mixup", "backbone_frozen", "images_per_s", "data_wait", "seconds",
 ]
 # Keys a resumed run may change; anything else must match the run it continues.
 RESUMABLE_KEYS = {("train", "folds"), ("train", "device"), ("train", "threads"), ("predict", "batch_size")}
@@ -92,6 +101,7 @@ def record_run_data(rd: RunDir, cfg: Config, data: RunData, resume: bool) -> Non
         "excluded": len(data.bad),
         "dropped_classes": data.merge.dropped,
         "lr_effective": effective_lr(cfg),
+        "versions": versions(),
     }
     if rd.meta_path.is_file():
         old = rd.read_meta()
@@ -143,8 +153,12 @@ def train(
     return rd.path
 
 
-def build_fold(cfg: Config, n_classes: int, steps_per_epoch: int, device: torch.device) -> dict:
-    """Model, EMA, optimizer, scheduler, scaler and loss for one fold."""
+def build_fold(
+    cfg: Config, n_classes: int, steps_per_epoch: int, device: torch.device, train_labels: np.ndarray | None = None,
+    classes: list[str] | None = None,
+) -> dict:
+    """Model, EMA, optimizer, scheduler, scaler and loss for one fold. ``steps_per_epoch`` counts optimizer updates
+    (micro-batches / train.accum_steps); ``train_labels`` feed ``train.class_weights=balanced``."""
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
     from timm.utils import ModelEmaV3
@@ -153,9 +167,19 @@ def build_fold(cfg: Config, n_classes: int, steps_per_epoch: int, device: torch.
     model = create_model(cfg.model, n_classes).to(device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if t.grad_checkpointing:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise CarclfError(f"train.grad_checkpointing: timm's {cfg.model.name} does not support it")
+        model.set_grad_checkpointing(True)
     lr = effective_lr(cfg)
-    # Frozen parameters stay out of the optimizer (timm's factory skips requires_grad=False).
-    optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=t.weight_decay)
+    # Frozen parameters stay out of the optimizer (timm's factory skips requires_grad=False). Layer decay gives each
+    # layer group an lr_scale that timm's scheduler applies.
+    optimizer = create_optimizer_v2(
+        model, t.optimizer, lr=lr, weight_decay=t.weight_decay, momentum=t.momentum,
+        layer_decay=t.layer_decay or None,
+    )
+    classifier = {id(p) for p in model.get_classifier().parameters()}
+    warm_frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in classifier]
     total = t.epochs * steps_per_epoch
     scheduler = CosineLRScheduler(
         optimizer,
@@ -169,16 +193,17 @@ def build_fold(cfg: Config, n_classes: int, steps_per_epoch: int, device: torch.
     dtype = amp_dtype(t.amp, device)
     if cfg.aug.mixup > 0 or cfg.aug.cutmix > 0:
         from timm.data import Mixup
-        from timm.loss import SoftTargetCrossEntropy
 
         mixup = Mixup(
-            mixup_alpha=cfg.aug.mixup, cutmix_alpha=cfg.aug.cutmix, label_smoothing=t.label_smoothing,
-            num_classes=n_classes,
+            mixup_alpha=cfg.aug.mixup, cutmix_alpha=cfg.aug.cutmix, prob=cfg.aug.mixup_prob,
+            switch_prob=cfg.aug.mixup_switch_prob, label_smoothing=t.label_smoothing, num_classes=n_classes,
         )
-        criterion: nn.Module = SoftTargetCrossEntropy()
     else:
         mixup = None
-        criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+    weights = class_weights_for(t.class_weights, classes or [str(i) for i in range(n_classes)],
+                                np.asarray(train_labels if train_labels is not None else []))
+    # Mixup's targets arrive smoothed already; hard labels are smoothed by the loss.
+    criterion = ClassificationLoss(t.loss, t.focal_gamma, t.focal_weight, t.label_smoothing, weights).to(device)
     erasing = None
     if cfg.aug.re_prob > 0:  # on the normalised batch, as timm's prefetcher does
         from timm.data.random_erasing import RandomErasing
@@ -186,6 +211,7 @@ def build_fold(cfg: Config, n_classes: int, steps_per_epoch: int, device: torch.
         erasing = RandomErasing(cfg.aug.re_prob, mode="pixel", device=device.type)
     return {
         "model": model, "ema": ema, "optimizer": optimizer, "scheduler": scheduler,
+        "forward": torch.compile(model) if t.compile else model, "warm_frozen": warm_frozen,
         "scaler": grad_scaler(device, dtype), "criterion": criterion, "mixup": mixup, "amp": dtype, "erasing": erasing,
         "normalize": batch_normalize(data_config_for(cfg)),
     }
@@ -198,16 +224,19 @@ def _eval_model(parts: dict) -> nn.Module:
 def train_one_epoch(
     parts: dict, loader: DataLoader, cfg: Config, device: torch.device, step: int, epoch: int, desc: str
 ) -> dict:
-    """One pass over ``loader``. Returns the mean loss, the update count after it, the indices that failed to
-    decode, the steps skipped for a non-finite loss (fp16 only), seconds, and seconds spent waiting for data.
+    """One pass over ``loader``. Returns the mean loss, the optimizer update count after it, the indices that failed
+    to decode, the micro-batches whose loss was non-finite (fp16 only), seconds, and seconds spent waiting for data.
 
-    With fp16 loss scaling a non-finite loss is GradScaler's to handle (it skips the step and lowers the scale); in
-    fp32 and bf16 it means training diverged, and stops with the epoch and step."""
+    With ``train.accum_steps`` = A, gradients of A micro-batches are summed (each loss divided by the group's size)
+    before one optimizer update; the scheduler and the EMA count updates. With fp16 loss scaling a non-finite loss is
+    GradScaler's to handle (it skips the update and lowers the scale); in fp32 and bf16 it means training diverged,
+    and stops with the epoch and step."""
     from tqdm.auto import tqdm
 
-    model, optimizer, scheduler = parts["model"], parts["optimizer"], parts["scheduler"]
+    model, optimizer, scheduler, forward = parts["model"], parts["optimizer"], parts["scheduler"], parts["forward"]
     ema, scaler, criterion, mixup = parts["ema"], parts["scaler"], parts["criterion"], parts["mixup"]
     cl = cfg.train.channels_last
+    accum, n_batches = cfg.train.accum_steps, len(loader)
     model.train()
     total, count, bad, skipped = 0.0, 0, [], 0
     wait = 0.0
@@ -216,6 +245,8 @@ def train_one_epoch(
     for batch_i, (x, y, idx, ok) in enumerate(bar):
         wait += time.perf_counter() - tick
         bad.extend(idx[~ok].tolist())
+        group_start = batch_i - batch_i % accum
+        group_size = min(accum, n_batches - group_start)  # the epoch's last group may be shorter
         x, y = parts["normalize"](x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
         if parts["erasing"] is not None:
             x = parts["erasing"](x)
@@ -226,30 +257,34 @@ def train_one_epoch(
                 x, y = x[:-1], y[:-1]
             x, y = mixup(x, y)
         with autocast(device, parts["amp"]):
-            loss = criterion(model(x), y)
+            loss = criterion(forward(x), y)
         finite = bool(torch.isfinite(loss))
         if not finite and scaler is None:
             raise CarclfError(
-                f"training diverged: loss {loss.item()} in epoch {epoch + 1}, step {batch_i + 1} of {len(loader)} "
+                f"training diverged: loss {loss.item()} in epoch {epoch + 1}, step {batch_i + 1} of {n_batches} "
                 f"(update {step + 1} of the fold): lower train.lr, raise train.warmup_epochs, or set train.grad_clip"
             )
-        optimizer.zero_grad(set_to_none=True)
+        if batch_i == group_start:
+            optimizer.zero_grad(set_to_none=True)
+        part = loss / group_size
         if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
+            scaler.scale(part).backward()
         else:
-            loss.backward()
-        if cfg.train.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)  # skipped inside when the scaled gradients hold inf/NaN
-            scaler.update()
-        else:
-            optimizer.step()
-        step += 1
-        scheduler.step_update(step)
-        if ema is not None:
-            ema.update(model, step=step)
+            part.backward()
+        if batch_i == group_start + group_size - 1:  # the group is complete: one optimizer update
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if cfg.train.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            if scaler is not None:
+                scaler.step(optimizer)  # skipped inside when the scaled gradients hold inf/NaN
+                scaler.update()
+            else:
+                optimizer.step()
+            step += 1
+            scheduler.step_update(step)
+            if ema is not None:
+                ema.update(model, step=step)
         if finite:
             total += loss.item() * len(x)
             count += len(x)
@@ -259,6 +294,19 @@ def train_one_epoch(
         tick = time.perf_counter()
     return {"loss": total / max(count, 1) if count else math.nan, "step": step, "bad": bad, "skipped": skipped,
             "seconds": time.perf_counter() - start, "wait": wait}
+
+
+def set_epoch_switches(parts: dict, cfg: Config, epoch: int) -> dict:
+    """What changes with the epoch: Mixup/CutMix off from ``aug.mixup_off_epoch``, the backbone frozen for the first
+    ``train.freeze_epochs`` (only the classifier learns; BatchNorm statistics still adapt). A function of the epoch
+    alone, so a resumed run sets the same switches."""
+    mixup_on = parts["mixup"] is not None and not (cfg.aug.mixup_off_epoch and epoch >= cfg.aug.mixup_off_epoch)
+    if parts["mixup"] is not None:
+        parts["mixup"].mixup_enabled = mixup_on
+    frozen = epoch < cfg.train.freeze_epochs
+    for p in parts["warm_frozen"]:
+        p.requires_grad_(not frozen)
+    return {"mixup": int(mixup_on), "backbone_frozen": int(frozen)}
 
 
 def _state(parts: dict, epoch: int, step: int, best: dict, history: list, bad: list, cfg: Config) -> dict:
@@ -331,9 +379,10 @@ def train_fold(
         max_pixels=cfg.data.max_pixels,
     )
     bs = min(cfg.data.batch_size, len(train_ds))
-    steps = len(train_ds) // bs if len(train_ds) > bs else 1
+    batches = len(train_ds) // bs if len(train_ds) > bs else 1
+    steps = math.ceil(batches / t.accum_steps)  # optimizer updates per epoch
     seed_everything(t.seed * 1000 + k)
-    parts = build_fold(cfg, len(classes), steps, device)
+    parts = build_fold(cfg, len(classes), steps, device, labels[tr_idx], classes)
     pin = device.type == "cuda"
     # One loader each for the fold, workers kept across epochs; the sampler seeds every photo from (seed, epoch).
     train_loader = make_loader(train_ds, bs, cfg.data.num_workers, shuffle=True, seed=t.seed * 1009 + k,
@@ -362,6 +411,7 @@ def train_fold(
     log(
         f"fold {k}: {len(tr_idx)} train / {len(va_idx)} val images, {len(classes)} classes, "
         f"{cfg.model.name} @ {size}px on {device}, lr {effective_lr(cfg):g}{lr_note}"
+        + (f", batch {bs} x {t.accum_steps} accumulated = {bs * t.accum_steps}" if t.accum_steps > 1 else "")
         + (f", EMA decay {t.ema_decay:g}" + (" after timm's warm-up" if t.ema_warmup else "") if t.ema else "")
     )
     since_best = start_epoch - 1 - best["epoch"]
@@ -369,6 +419,7 @@ def train_fold(
     for epoch in range(start_epoch, t.epochs):
         seed_everything(t.seed * 1_000_003 + k * 1009 + epoch)  # Mixup, erasing, dropout in this process
         train_loader.sampler.set_epoch(epoch)
+        switches = set_epoch_switches(parts, cfg, epoch)
         out = train_one_epoch(
             parts, train_loader, cfg, device, step, epoch, desc=f"fold {k} epoch {epoch + 1}/{t.epochs}"
         )
@@ -381,9 +432,10 @@ def train_fold(
         s = score(softmax(logits[ok]), val_labels[order[ok]])
         row = {
             "epoch": epoch, "step": step, "train_loss": out["loss"], "val_log_loss": s["log_loss"],
-            "val_accuracy": s["accuracy"], "val_top5": s["top5"], "lr": parts["optimizer"].param_groups[0]["lr"],
+            "val_accuracy": s["accuracy"], "val_top5": s["top5"],
+            "lr": max(g["lr"] for g in parts["optimizer"].param_groups),  # the head's, with layer decay
             "ema_decay": parts["ema"].get_decay(step) if parts["ema"] is not None else math.nan,
-            "skipped_steps": out["skipped"], "images_per_s": len(train_loader) * bs / out["seconds"],
+            "skipped_steps": out["skipped"], **switches, "images_per_s": len(train_loader) * bs / out["seconds"],
             "data_wait": out["wait"] / out["seconds"], "seconds": out["seconds"],
         }
         history.append(row)
@@ -438,7 +490,7 @@ def write_oof(
     labels = data.labels[idx]
     rel = np.array(data.trainset.relpaths(), dtype=object)[idx]
     s = score(softmax(logits), labels)
-    summary = {"fold": fp.k, "best_epoch": best["epoch"], "lr_effective": effective_lr(cfg),
+    summary = {"fold": fp.k, "best_epoch": best["epoch"], "lr_effective": effective_lr(cfg), "versions": versions(),
                **{f"oof_{m}": v for m, v in s.items()}}
     atomic_write_text(fp.summary, json.dumps(summary, indent=1))
     atomic_savez(  # last: its presence marks the fold complete
