@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 def _metrics(run, k=0):
     with (run / f"fold{k}" / "metrics.csv").open() as fh:
-        return list(csv.DictReader(fh))
+        return [r for r in csv.DictReader(fh) if r["train_loss"]]  # epoch rows
 
 
 def _parts(tmp_path, **over):
@@ -129,3 +129,43 @@ def test_focal_loss_trains_and_versions_are_recorded(synth_data, tmp_path):
     assert meta["versions"]["timm"] == timm.__version__
     assert set(meta["versions"]) >= {"python", "carclf", "git_commit", "git_dirty"}
     assert json.loads((run / "fold0" / "summary.json").read_text())["versions"] == meta["versions"]
+
+
+def _all_rows(run, k=0):
+    with (run / f"fold{k}" / "metrics.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_swa_is_scored_beside_ema_and_raw_and_the_best_becomes_best_pt(synth_data, tmp_path):
+    over = {"train.epochs": 3, "train.swa_start_epoch": 1, "train.lr": 3e-3}
+    cfg = load_config(None, tiny_overrides(synth_data, tmp_path / "a", **over))
+    run = train(cfg, log=lambda s: None)
+    rows = _all_rows(run)
+    assert [r["weights"] for r in rows] == ["ema", "ema", "ema", "raw", "swa"]
+    assert len({r["val_log_loss"] for r in rows[2:]}) == 3  # three different sets of weights
+    chosen = [r for r in rows if r["chosen"] == "*"]
+    assert len(chosen) == 1
+    best_ll = min(float(r["val_log_loss"]) for r in rows)
+    assert float(chosen[0]["val_log_loss"]) == best_ll
+    summary = json.loads((run / "fold0" / "summary.json").read_text())
+    assert summary["best_weights"] == chosen[0]["weights"]
+    assert torch.load(run / "fold0" / "best.pt", weights_only=True)["val_log_loss"] == pytest.approx(best_ll, 1e-5)
+    last = torch.load(run / "fold0" / "last.pt", weights_only=True)
+    assert int(last["swa"]["n_averaged"]) == 2  # epochs 1 and 2
+
+    # Interrupted after epoch 1 and resumed: the SWA average continues from last.pt, as if never stopped.
+    class Stop(Exception):
+        pass
+
+    def stop_after_second(k, epoch, row):
+        if epoch == 1:
+            raise Stop
+
+    cfg_b = load_config(None, tiny_overrides(synth_data, tmp_path / "b", **over))
+    with pytest.raises(Stop):
+        train(cfg_b, on_epoch_end=stop_after_second, log=lambda s: None)
+    resumed = train(cfg_b, resume=True, log=lambda s: None)
+    again = torch.load(resumed / "fold0" / "last.pt", weights_only=True)
+    for name, tensor in last["swa"].items():
+        assert torch.equal(tensor, again["swa"][name]), name
+    assert [r["val_log_loss"] for r in _all_rows(resumed)] == [r["val_log_loss"] for r in rows]

@@ -85,6 +85,7 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute activations in backward (timm): less memory, ~30% slower
     compile: bool = False  # torch.compile the training forward (opt in: compiling costs minutes up front)
     freeze_epochs: int = 0  # warm start: train only the classifier for this many epochs, then the whole model
+    swa_start_epoch: int = 0  # 0: off; N: average the weights after every epoch from epoch N (0-based) on (SWA)
     ema: bool = True  # evaluate and keep an exponential moving average of the weights
     ema_decay: float = 0.998  # the EMA's decay (its ceiling while ema_warmup ramps it up)
     ema_warmup: bool = True  # timm's EMA warm-up: decay = min(ema_decay, 1 - (1 + step)^(-2/3)), logged per epoch
@@ -267,6 +268,8 @@ def validate(cfg: Config) -> None:
         (0 <= cfg.train.layer_decay <= 1, "train.layer_decay must be 0 (off) or in (0, 1]"),
         (cfg.train.accum_steps >= 1, "train.accum_steps must be at least 1"),
         (cfg.train.freeze_epochs >= 0, "train.freeze_epochs must be 0 or more"),
+        (0 <= cfg.train.swa_start_epoch < max(cfg.train.epochs, 1),
+         "train.swa_start_epoch must be 0 (off) or an epoch before train.epochs"),
     ]
     for ok, message in checks:
         if not ok:

@@ -43,7 +43,7 @@ from carclf.train.losses import ClassificationLoss, class_weights_for
 
 METRIC_FIELDS = [
     "epoch", "step", "train_loss", "val_log_loss", "val_accuracy", "val_top5", "lr", "ema_decay", "skipped_steps",
-    "mixup", "backbone_frozen", "images_per_s", "data_wait", "seconds",
+    "mixup", "backbone_frozen", "images_per_s", "data_wait", "seconds", "weights", "chosen",
 ]
 # Keys a resumed run may change; anything else must match the run it continues.
 RESUMABLE_KEYS = {("train", "folds"), ("train", "device"), ("train", "threads"), ("predict", "batch_size")}
@@ -209,8 +209,13 @@ def build_fold(
         from timm.data.random_erasing import RandomErasing
 
         erasing = RandomErasing(cfg.aug.re_prob, mode="pixel", device=device.type)
+    swa = None
+    if t.swa_start_epoch:
+        from torch.optim.swa_utils import AveragedModel
+
+        swa = AveragedModel(model)  # BatchNorm statistics are recomputed on the training data at the end
     return {
-        "model": model, "ema": ema, "optimizer": optimizer, "scheduler": scheduler,
+        "model": model, "ema": ema, "swa": swa, "optimizer": optimizer, "scheduler": scheduler,
         "forward": torch.compile(model) if t.compile else model, "warm_frozen": warm_frozen,
         "scaler": grad_scaler(device, dtype), "criterion": criterion, "mixup": mixup, "amp": dtype, "erasing": erasing,
         "normalize": batch_normalize(data_config_for(cfg)),
@@ -313,6 +318,7 @@ def _state(parts: dict, epoch: int, step: int, best: dict, history: list, bad: l
     return {
         "model": parts["model"].state_dict(),
         "ema": parts["ema"].state_dict() if parts["ema"] is not None else None,
+        "swa": parts["swa"].state_dict() if parts["swa"] is not None else None,
         "optimizer": parts["optimizer"].state_dict(),
         "scheduler": parts["scheduler"].state_dict(),
         "scaler": parts["scaler"].state_dict() if parts["scaler"] is not None else None,
@@ -389,12 +395,15 @@ def train_fold(
                                pin_memory=pin, drop_last=len(train_ds) > bs)
     val_loader = make_loader(val_ds, cfg.predict.batch_size, cfg.data.num_workers, pin_memory=pin)
     start_epoch, step, history, bad = 0, 0, [], []
-    best = {"val_log_loss": math.inf, "epoch": -1}
+    primary = "ema" if parts["ema"] is not None else "raw"
+    best = {"val_log_loss": math.inf, "epoch": -1, "weights": primary}
     if fp.last.is_file():
         state = _load_state(fp.last, device)
         parts["model"].load_state_dict(state["model"])
         if parts["ema"] is not None:
             parts["ema"].load_state_dict(state["ema"])
+        if parts["swa"] is not None and state.get("swa"):
+            parts["swa"].load_state_dict(state["swa"])
         parts["optimizer"].load_state_dict(state["optimizer"])
         parts["scheduler"].load_state_dict(state["scheduler"])
         if parts["scaler"] is not None and state["scaler"]:
@@ -424,6 +433,8 @@ def train_fold(
             parts, train_loader, cfg, device, step, epoch, desc=f"fold {k} epoch {epoch + 1}/{t.epochs}"
         )
         step = out["step"]
+        if parts["swa"] is not None and epoch >= t.swa_start_epoch:
+            parts["swa"].update_parameters(parts["model"])
         bad.extend(int(tr_idx[i]) for i in out["bad"])
         logits, order, ok = infer_logits(
             _eval_model(parts), val_loader, device, parts["normalize"], amp=parts["amp"], channels_last=t.channels_last,
@@ -436,12 +447,12 @@ def train_fold(
             "lr": max(g["lr"] for g in parts["optimizer"].param_groups),  # the head's, with layer decay
             "ema_decay": parts["ema"].get_decay(step) if parts["ema"] is not None else math.nan,
             "skipped_steps": out["skipped"], **switches, "images_per_s": len(train_loader) * bs / out["seconds"],
-            "data_wait": out["wait"] / out["seconds"], "seconds": out["seconds"],
+            "data_wait": out["wait"] / out["seconds"], "seconds": out["seconds"], "weights": primary,
         }
         history.append(row)
         improved = s["log_loss"] < best["val_log_loss"]
         if improved:
-            best = {"val_log_loss": s["log_loss"], "epoch": epoch}
+            best = {"val_log_loss": s["log_loss"], "epoch": epoch, "weights": primary}
             since_best = 0
             atomic_torch_save(
                 {"model": _eval_model(parts).state_dict(), "epoch": epoch, "config": cfg.to_dict(),
@@ -465,10 +476,59 @@ def train_fold(
         if stop:
             log(f"fold {k}: no better val log loss for {t.patience} epochs, stopping early")
             break
+    best = final_candidates(parts, cfg, fp, train_loader, val_loader, val_labels, history, best, classes, device, log)
+    for row in history:
+        row["chosen"] = "*" if (row["epoch"], row.get("weights", primary)) == (best["epoch"], best["weights"]) else ""
+    _write_metrics(fp.metrics, history)
     if bad:
         log(f"fold {k}: {len(set(bad))} photo(s) failed to decode during training (see skipped.csv)")
         rd.update_skipped({str(ts.paths[i]): "failed to decode during training" for i in set(bad)})
     return write_oof(cfg, fp, val_loader, va_idx, data, device, best)
+
+
+def final_candidates(
+    parts: dict, cfg: Config, fp: FoldPaths, train_loader: DataLoader, val_loader: DataLoader,
+    val_labels: np.ndarray, history: list[dict], best: dict, classes: list[str], device: torch.device,
+    log: Callable[[str], None],
+) -> dict:
+    """Score the weights beside the per-epoch ones once training ends: the raw weights (when the epochs were scored
+    with the EMA) and the SWA average (BatchNorm statistics recomputed on the training photos). Whichever has the
+    lowest validation log loss, the best epoch's weights included, becomes ``best.pt``; each gets a row in
+    metrics.csv (``weights``) and the chosen one is marked (``chosen``)."""
+    from torch.optim.swa_utils import update_bn
+
+    last_epoch = history[-1]["epoch"] if history else -1
+    candidates = []
+    if parts["ema"] is not None:
+        candidates.append(("raw", parts["model"]))
+    swa = parts["swa"]
+    if swa is not None and int(swa.n_averaged) > 0:
+        train_loader.sampler.set_epoch(cfg.train.epochs)  # one more augmented pass, seeded like an epoch
+        seed_everything(cfg.train.seed * 1_000_003 + fp.k * 1009 + cfg.train.epochs)
+        cl = cfg.train.channels_last
+
+        def inputs():
+            for x, *_ in train_loader:
+                x = parts["normalize"](x.to(device, non_blocking=True))
+                yield x.contiguous(memory_format=torch.channels_last) if cl else x
+
+        with torch.no_grad():
+            update_bn(inputs(), swa.module)
+        candidates.append(("swa", swa.module))
+    for name, model in candidates:
+        logits, order, ok = infer_logits(model, val_loader, device, parts["normalize"], amp=parts["amp"],
+                                         channels_last=cfg.train.channels_last)
+        s = score(softmax(logits[ok]), val_labels[order[ok]])
+        history.append({"epoch": last_epoch, "step": history[-1]["step"] if history else 0, "val_log_loss":
+                        s["log_loss"], "val_accuracy": s["accuracy"], "val_top5": s["top5"], "weights": name})
+        better = s["log_loss"] < best["val_log_loss"]
+        log(f"fold {fp.k}: {name} weights after the last epoch: val log loss {s['log_loss']:.4f}  acc "
+            f"{s['accuracy']:.3f}" + ("  * (best)" if better else ""))
+        if better:
+            best = {"val_log_loss": s["log_loss"], "epoch": last_epoch, "weights": name}
+            atomic_torch_save({"model": model.state_dict(), "epoch": last_epoch, "weights": name,
+                               "config": cfg.to_dict(), "classes": classes, "val_log_loss": s["log_loss"]}, fp.best)
+    return best
 
 
 def write_oof(
@@ -490,8 +550,8 @@ def write_oof(
     labels = data.labels[idx]
     rel = np.array(data.trainset.relpaths(), dtype=object)[idx]
     s = score(softmax(logits), labels)
-    summary = {"fold": fp.k, "best_epoch": best["epoch"], "lr_effective": effective_lr(cfg), "versions": versions(),
-               **{f"oof_{m}": v for m, v in s.items()}}
+    summary = {"fold": fp.k, "best_epoch": best["epoch"], "best_weights": best.get("weights"),
+               "lr_effective": effective_lr(cfg), "versions": versions(), **{f"oof_{m}": v for m, v in s.items()}}
     atomic_write_text(fp.summary, json.dumps(summary, indent=1))
     atomic_savez(  # last: its presence marks the fold complete
         fp.oof, indices=idx, labels=labels, logits=logits.astype(np.float32),
