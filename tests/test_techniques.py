@@ -169,3 +169,30 @@ def test_swa_is_scored_beside_ema_and_raw_and_the_best_becomes_best_pt(synth_dat
     for name, tensor in last["swa"].items():
         assert torch.equal(tensor, again["swa"][name]), name
     assert [r["val_log_loss"] for r in _all_rows(resumed)] == [r["val_log_loss"] for r in rows]
+
+
+def test_each_fold_predicts_at_the_input_size_its_validation_chose(synth_data, tmp_path):
+    import numpy as np
+
+    from carclf.analyze.metrics import score, softmax
+    from carclf.infer.predictor import Predictor
+
+    over = {"train.epochs": 2, "train.lr": 3e-3, "predict.eval_sizes": "48,96", "train.folds": "all"}
+    logs = []
+    run = train(load_config(None, tiny_overrides(synth_data, tmp_path, **over)), log=logs.append)
+    assert any("validation log loss by input size: 64px" in line for line in logs)
+    predictor = Predictor(run, folds=[0])
+    for k in (0, 1):
+        summary = json.loads((run / f"fold{k}" / "summary.json").read_text())
+        scores = {int(s): v for s, v in summary["eval_size_log_loss"].items()}
+        assert set(scores) == {64, 48, 96}
+        assert summary["eval_size"] == min(scores, key=scores.get)
+        with np.load(run / f"fold{k}" / "oof.npz") as z:  # the OOF logits are those of the chosen size
+            logits, labels, paths = z["logits"], z["labels"], z["paths"]
+        assert score(softmax(logits), labels)["log_loss"] == pytest.approx(scores[summary["eval_size"]], rel=1e-5)
+        if k == 0:
+            assert predictor.eval_sizes == [summary["eval_size"]]
+            photos = [synth_data / "train" / p for p in paths[:4]]
+            probs, bad = predictor.predict_paths(photos)
+            assert not bad
+            np.testing.assert_allclose(probs, softmax(logits[:4]), atol=1e-5)

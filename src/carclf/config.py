@@ -105,6 +105,19 @@ class PredictConfig:
     tta_hflip: bool = True  # average logits over the photo and its mirror image
     eps: float = 1e-6  # probabilities are clipped to [eps, 1-eps] and renormalised
     batch_size: int = 64
+    eval_sizes: str = ""  # e.g. "224,256": input sizes to try besides the training size; each fold keeps the one
+    #                       with the lowest validation log loss (train/test resolution discrepancy)
+
+
+def parse_sizes(spec: str) -> list[int]:
+    """``predict.eval_sizes``: "" -> []; "224,256" -> [224, 256]."""
+    try:
+        sizes = [int(v) for v in str(spec).replace(" ", "").split(",") if v]
+    except ValueError as exc:
+        raise CarclfError(f"predict.eval_sizes='{spec}' must be input sizes in pixels, e.g. 224,256") from exc
+    if any(v < 32 for v in sizes):
+        raise CarclfError(f"predict.eval_sizes='{spec}': sizes must be at least 32 pixels")
+    return sizes
 
 
 @dataclass
@@ -275,6 +288,7 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise CarclfError(message)
     check_folder_name(cfg.name, "name")
+    parse_sizes(cfg.predict.eval_sizes)
 
 
 def check_folder_name(name: str, key: str) -> None:

@@ -175,6 +175,13 @@ class RunDir:
         path = self.fold(k).calibration
         return float(json.loads(path.read_text(encoding="utf-8"))["temperature"]) if path.is_file() else 1.0
 
+    def eval_size(self, k: int) -> int:
+        """The input size fold k was chosen to predict at (``predict.eval_sizes``); 0: the training size."""
+        path = self.fold(k).summary
+        if not path.is_file():
+            return 0
+        return int(json.loads(path.read_text(encoding="utf-8")).get("eval_size") or 0)
+
     # ------------------------------------------------------------------------------------------------ creation
     def create(self, cfg: Config) -> None:
         """Write the marker and the resolved config (call with :meth:`run_lock` held)."""

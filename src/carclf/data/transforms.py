@@ -85,5 +85,6 @@ def eval_transform(dcfg: dict[str, Any]):
     )
 
 
-def data_config_for(cfg: Config) -> dict[str, Any]:
-    return backbone_data_config(cfg.model.name, cfg.data.img_size, cfg.data.crop_pct)
+def data_config_for(cfg: Config, size: int = 0) -> dict[str, Any]:
+    """The run's preprocessing; ``size`` > 0 evaluates at another input size (same crop fraction)."""
+    return backbone_data_config(cfg.model.name, size or cfg.data.img_size, cfg.data.crop_pct)

@@ -49,9 +49,10 @@ class Predictor:
         self.models = [
             load_fold_model(self.cfg, self.run.fold(k).best, len(self.classes), self.device) for k in chosen
         ]
-        self.data_config = data_config_for(self.cfg)
-        self.transform = eval_transform(self.data_config)
-        self.normalize = batch_normalize(self.data_config)
+        # Each fold predicts at the input size its validation chose (predict.eval_sizes); folds that share a size
+        # share one decoding pass.
+        self.eval_sizes = [self.run.eval_size(k) or data_config_for(self.cfg)["input_size"][-1] for k in chosen]
+        self.data_configs = {s: data_config_for(self.cfg, s) for s in sorted(set(self.eval_sizes))}
         self.amp = amp_dtype(self.cfg.train.amp, self.device)
 
     @property
@@ -63,24 +64,27 @@ class Predictor:
         return self.calibrated and any(t == 1.0 for t in self.temperatures)
 
     @torch.inference_mode()
-    def _probs(self, loader, progress: bool) -> tuple[np.ndarray, np.ndarray]:
-        """One pass over the photos, every fold model on each batch (decoding once, not once per fold)."""
+    def _probs(self, loader, size: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+        """One pass over the photos at input ``size``: the sum of the probabilities of every fold model that predicts
+        at that size, on each batch (decoding once, not once per fold)."""
         if progress:
             from tqdm.auto import tqdm
 
-            loader = tqdm(loader, desc="predict", leave=False, dynamic_ncols=True, disable=None)
+            loader = tqdm(loader, desc=f"predict @ {size}px", leave=False, dynamic_ncols=True, disable=None)
+        normalize = batch_normalize(self.data_configs[size])
+        members = [(m, t) for m, t, s in zip(self.models, self.temperatures, self.eval_sizes, strict=True) if s == size]
         probs, idx, oks = [], [], []
         for x, _, i, ok in loader:
             p = 0.0
-            for model, t in zip(self.models, self.temperatures, strict=True):
-                logits = batch_logits(model, x, self.device, self.normalize, self.cfg.predict.tta_hflip, self.amp,
+            for model, t in members:
+                logits = batch_logits(model, x, self.device, normalize, self.cfg.predict.tta_hflip, self.amp,
                                       self.cfg.train.channels_last)
                 p = p + torch.softmax(logits.double() / t, dim=1).cpu().numpy()
-            probs.append(p / len(self.models))
+            probs.append(p)
             idx.append(i.numpy())
             oks.append(ok.numpy().astype(bool))
         order = np.argsort(np.concatenate(idx))
-        return self.merge.expand(np.concatenate(probs)[order]), np.concatenate(oks)[order]
+        return np.concatenate(probs)[order], np.concatenate(oks)[order]
 
     def predict(
         self, sources: Sequence[ImageSource], progress: bool = False, num_workers: int | None = None,
@@ -91,12 +95,15 @@ class Predictor:
 
         With ``fill_bad`` a failed photo gets the mean prediction of the others (the class prior the model sees),
         never a crash; without, its row is NaN."""
-        size = self.data_config["input_size"][-1]
-        ds = ImageDataset(sources, None, self.transform, size, self.cfg.data.draft_factor,
-                          max_pixels=self.cfg.data.max_pixels)
         workers = self.cfg.data.num_workers if num_workers is None else num_workers
-        loader = make_loader(ds, self.cfg.predict.batch_size, workers, pin_memory=self.device.type == "cuda")
-        probs, ok = self._probs(loader, progress)
+        total, ok = 0.0, np.ones(len(sources), dtype=bool)
+        for size, dcfg in self.data_configs.items():
+            ds = ImageDataset(sources, None, eval_transform(dcfg), size, self.cfg.data.draft_factor,
+                              max_pixels=self.cfg.data.max_pixels)
+            loader = make_loader(ds, self.cfg.predict.batch_size, workers, pin_memory=self.device.type == "cuda")
+            p, ok_size = self._probs(loader, size, progress)
+            total, ok = total + p, ok & ok_size
+        probs = self.merge.expand(total / len(self.models))
         bad = np.where(~ok)[0].tolist()
         if bad:
             if fill_bad:

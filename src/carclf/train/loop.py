@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from carclf.analyze.metrics import score, softmax
-from carclf.config import Config, effective_lr
+from carclf.config import Config, effective_lr, parse_sizes
 from carclf.data.dataset import ImageDataset, make_loader
 from carclf.data.rundata import RunData, load_run_data
 from carclf.data.splits import parse_folds
@@ -483,7 +483,39 @@ def train_fold(
     if bad:
         log(f"fold {k}: {len(set(bad))} photo(s) failed to decode during training (see skipped.csv)")
         rd.update_skipped({str(ts.paths[i]): "failed to decode during training" for i in set(bad)})
-    return write_oof(cfg, fp, val_loader, va_idx, data, device, best)
+    eval_size, size_scores, val_loader = choose_eval_size(
+        cfg, fp, val_ds, val_loader, val_labels, size, len(classes), device, log
+    )
+    return write_oof(cfg, fp, val_loader, va_idx, data, device, best, eval_size, size_scores)
+
+
+def choose_eval_size(
+    cfg: Config, fp: FoldPaths, val_ds: ImageDataset, val_loader: DataLoader, val_labels: np.ndarray, size: int,
+    n_classes: int, device: torch.device, log: Callable[[str], None],
+) -> tuple[int, dict[int, float], DataLoader]:
+    """Score ``best.pt`` on the validation fold at the training size and at every ``predict.eval_sizes`` (with the
+    Predictor's TTA); return the size with the lowest log loss, every size's log loss, and a loader at that size.
+    Networks trained on random crops often do better on larger photos (the train/test resolution discrepancy)."""
+    sizes = [size] + [s for s in parse_sizes(cfg.predict.eval_sizes) if s != size]
+    if len(sizes) == 1:
+        return size, {}, val_loader
+    model = load_fold_model(cfg, fp.best, n_classes, device)
+    scores: dict[int, float] = {}
+    loaders: dict[int, DataLoader] = {}
+    for s in sizes:
+        dcfg = data_config_for(cfg, s)
+        ds = ImageDataset(val_ds.sources, val_ds.labels, eval_transform(dcfg), s, cfg.data.draft_factor,
+                          max_pixels=cfg.data.max_pixels)
+        loaders[s] = val_loader if s == size else make_loader(ds, cfg.predict.batch_size, cfg.data.num_workers)
+        logits, order, ok = infer_logits(
+            model, loaders[s], device, batch_normalize(dcfg), tta_hflip=cfg.predict.tta_hflip,
+            amp=amp_dtype(cfg.train.amp, device), channels_last=cfg.train.channels_last,
+        )
+        scores[s] = score(softmax(logits[ok]), val_labels[order[ok]])["log_loss"]
+    chosen = min(scores, key=scores.get)
+    log(f"fold {fp.k}: validation log loss by input size: "
+        + ", ".join(f"{s}px {v:.4f}" + (" *" if s == chosen else "") for s, v in scores.items()))
+    return chosen, scores, loaders[chosen]
 
 
 def final_candidates(
@@ -533,7 +565,7 @@ def final_candidates(
 
 def write_oof(
     cfg: Config, fp: FoldPaths, val_loader: DataLoader, va_idx: np.ndarray, data: RunData, device: torch.device,
-    best: dict,
+    best: dict, eval_size: int = 0, size_scores: dict[int, float] | None = None,
 ) -> dict:
     """Out-of-fold logits of the best checkpoint, with the same TTA the Predictor uses, into oof.npz.
 
@@ -541,7 +573,7 @@ def write_oof(
     score in the submission's columns too."""
     model = load_fold_model(cfg, fp.best, len(data.classes), device)
     logits, order, ok = infer_logits(
-        model, val_loader, device, batch_normalize(data_config_for(cfg)), tta_hflip=cfg.predict.tta_hflip,
+        model, val_loader, device, batch_normalize(data_config_for(cfg, eval_size)), tta_hflip=cfg.predict.tta_hflip,
         amp=amp_dtype(cfg.train.amp, device), channels_last=cfg.train.channels_last,
     )
     by_index = np.argsort(order)  # loader order -> dataset order (the loader does not shuffle; stay safe anyway)
@@ -550,7 +582,8 @@ def write_oof(
     labels = data.labels[idx]
     rel = np.array(data.trainset.relpaths(), dtype=object)[idx]
     s = score(softmax(logits), labels)
-    summary = {"fold": fp.k, "best_epoch": best["epoch"], "best_weights": best.get("weights"),
+    summary = {"fold": fp.k, "best_epoch": best["epoch"], "best_weights": best.get("weights"), "eval_size": eval_size,
+               "eval_size_log_loss": {str(k): v for k, v in (size_scores or {}).items()},
                "lr_effective": effective_lr(cfg), "versions": versions(), **{f"oof_{m}": v for m, v in s.items()}}
     atomic_write_text(fp.summary, json.dumps(summary, indent=1))
     atomic_savez(  # last: its presence marks the fold complete
