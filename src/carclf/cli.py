@@ -16,11 +16,13 @@ EVAL_COLUMNS = [
 
 def _train(args: argparse.Namespace) -> None:
     from carclf.config import load_config
+    from carclf.runtime import dist_info
     from carclf.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
     run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite)
-    print(f"run directory: {run_dir}")
+    if dist_info().is_main:
+        print(f"run directory: {run_dir}")
 
 
 def _prepare(args: argparse.Namespace) -> None:

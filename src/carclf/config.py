@@ -85,6 +85,7 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute activations in backward (timm): less memory, ~30% slower
     compile: bool = False  # torch.compile the training forward (opt in: compiling costs minutes up front)
     freeze_epochs: int = 0  # warm start: train only the classifier for this many epochs, then the whole model
+    sync_bn: bool = False  # under torchrun on GPUs: BatchNorm statistics over the whole batch of all ranks
     swa_start_epoch: int = 0  # 0: off; N: average the weights after every epoch from epoch N (0-based) on (SWA)
     ema: bool = True  # evaluate and keep an exponential moving average of the weights
     ema_decay: float = 0.998  # the EMA's decay (its ceiling while ema_warmup ramps it up)

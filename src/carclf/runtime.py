@@ -135,3 +135,71 @@ def versions() -> dict[str, str | bool | None]:
     except (OSError, subprocess.SubprocessError):
         pass  # no git here: the versions still say what ran
     return out
+
+
+# ---------------------------------------------------------------------------------------------------- distributed
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the ``torchrun`` process group (NCCL on GPUs, gloo on CPUs) when launched by it; a no-op otherwise."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    info = dist_info()
+    if info.distributed and not dist.is_initialized():
+        # Rank 0 alone writes the out-of-fold logits (and recomputes SWA's BatchNorm statistics) at a fold's end while
+        # the others wait: give that more than NCCL's default 10 minutes.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
+    return info
+
+
+def is_distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    if is_distributed():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def gather_objects(obj):
+    """Every rank's ``obj``, in rank order (``[obj]`` in a single process)."""
+    if not is_distributed():
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def on_main(fn, *args, **kwargs):
+    """Run ``fn`` on rank 0 only and give every rank its result; an exception there (a user error, a lock held by
+    another run) is raised on every rank, so no rank waits forever in the next collective."""
+    if not is_distributed():
+        return fn(*args, **kwargs)
+    import torch.distributed as dist
+
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn(*args, **kwargs))
+        except Exception as exc:  # noqa: BLE001 - re-raised below on every rank, this one included
+            box[0] = ("error", exc)
+    dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        raise value
+    return value
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of the running process group; (0, 1) without one."""
+    if not is_distributed():
+        return 0, 1
+    import torch.distributed as dist
+
+    return dist.get_rank(), dist.get_world_size()

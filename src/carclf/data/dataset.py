@@ -17,23 +17,31 @@ class EpochSampler(Sampler):
     """Yields ``(index, seed)`` pairs. The order and each photo's augmentation seed are functions of
     (``seed``, epoch, index) alone, so an epoch draws the same crops whether 0, 1 or 16 workers decode it and whether
     they persist across epochs (which saves a GPU box seconds per epoch) or are started afresh; a resumed run
-    therefore repeats an uninterrupted one. Call :meth:`set_epoch` before each epoch."""
+    therefore repeats an uninterrupted one. Call :meth:`set_epoch` before each epoch.
 
-    def __init__(self, n: int, shuffle: bool, seed: int = 0) -> None:
+    Under distributed training rank r of w takes every w-th photo of the epoch's order, starting at r (the order
+    padded by repeating its start to a multiple of w, as ``DistributedSampler`` does): the ranks' batches together
+    are the single-process batches, and every photo keeps its own augmentation seed."""
+
+    def __init__(self, n: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
         self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
+        self.rank, self.world_size = rank, world_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.n
+        return -(-self.n // self.world_size)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         base = (self.seed * 1_000_003 + self.epoch) % 2**62
         if self.shuffle:
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(base)).tolist()
         else:
-            order = range(self.n)
+            order = list(range(self.n))
+        if self.world_size > 1:
+            padded = order + order[: len(self) * self.world_size - self.n]
+            order = padded[self.rank :: self.world_size]
         for i in order:
             yield int(i), (base * 1_000_033 + int(i)) % 2**62
 
@@ -108,14 +116,14 @@ class ImageDataset(Dataset):
 
 def make_loader(
     ds: ImageDataset, batch_size: int, workers: int, shuffle: bool = False, seed: int = 0, pin_memory: bool = False,
-    drop_last: bool = False,
+    drop_last: bool = False, rank: int = 0, world_size: int = 1,
 ) -> DataLoader:
     """A DataLoader over ``ds`` driven by an :class:`EpochSampler` (``loader.sampler.set_epoch(e)`` before epoch e);
     workers persist across epochs."""
     return DataLoader(
         ds,
         batch_size=batch_size,
-        sampler=EpochSampler(len(ds), shuffle, seed),
+        sampler=EpochSampler(len(ds), shuffle, seed, rank, world_size),
         drop_last=drop_last,
         num_workers=workers,
         pin_memory=pin_memory,

@@ -6,6 +6,7 @@ an uninterrupted run exactly.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -33,8 +34,13 @@ from carclf.rundir import FoldPaths, RunDir
 from carclf.runtime import (
     amp_dtype,
     autocast,
+    barrier,
     configure_backends,
+    gather_objects,
     grad_scaler,
+    init_distributed,
+    on_main,
+    rank_world,
     seed_everything,
     select_device,
     versions,
@@ -126,31 +132,51 @@ def train(
     """Train the folds ``cfg.train.folds`` into ``runs/<name>/``; return the run directory.
 
     Several processes may train different folds of one run at once (``train.folds=k --resume`` each); a fold is
-    locked while it trains."""
+    locked while it trains. Launched by ``torchrun``, the processes train each fold together (DistributedDataParallel);
+    rank 0 alone writes the run directory."""
     if not cfg.data.root:
         raise CarclfError("data.root is not set: pass data.root=PATH/TO/DATA (the folder holding train/)")
+    device = select_device(cfg.train.device)
+    info = init_distributed(device)
+    if not info.is_main:
+        log = _quiet
     rd = RunDir(cfg.run_dir)
-    check_startable(rd, cfg, resume, overwrite)  # before the slow data checks
-    data = load_run_data(cfg, log)  # bad data fails here, before the run directory is created or emptied
-    with rd.run_lock():
-        check_startable(rd, cfg, resume, overwrite)  # again: another process may have created it meanwhile
-        if overwrite and rd.exists_nonempty():
-            rd.clear(protect=[Path(cfg.data.root)])
-            log(f"--overwrite: deleted the earlier run in '{rd.path}'")
-        rd.create(cfg)
-        record_run_data(rd, cfg, data, resume)
+
+    def start() -> RunData:
+        check_startable(rd, cfg, resume, overwrite)  # before the slow data checks
+        data = load_run_data(cfg, log)  # bad data fails here, before the run directory is created or emptied
+        with rd.run_lock():
+            check_startable(rd, cfg, resume, overwrite)  # again: another process may have created it meanwhile
+            if overwrite and rd.exists_nonempty():
+                rd.clear(protect=[Path(cfg.data.root)])
+                log(f"--overwrite: deleted the earlier run in '{rd.path}'")
+            rd.create(cfg)
+            record_run_data(rd, cfg, data, resume)
+        return data
+
+    data = on_main(start)
     if data.bad:
         log(f"leaving {len(data.bad)} photo(s) out of training (bad files, duplicates, label conflicts), "
             f"listed in {rd.skipped_csv}:")
         for p, reason in list(data.bad.items())[:10]:
             log(f"  {p}: {reason}")
     for k in parse_folds(cfg.train.folds, cfg.data.n_folds):
-        with rd.fold_lock(k):
-            if rd.fold(k).complete:
+        with contextlib.ExitStack() as held:
+
+            def claim(k: int = k, held: contextlib.ExitStack = held) -> bool:
+                held.enter_context(rd.fold_lock(k))  # on rank 0; released when the fold ends
+                return rd.fold(k).complete
+
+            if on_main(claim):
                 log(f"fold {k}: already complete, skipping")
                 continue
-            train_fold(cfg, k, data, rd, on_epoch_end=on_epoch_end, log=log)
+            train_fold(cfg, k, data, rd, on_epoch_end=on_epoch_end, log=log, device=device)
+    barrier()
     return rd.path
+
+
+def _quiet(message: str) -> None:
+    """The log of ranks other than 0: rank 0 speaks for the group."""
 
 
 def build_fold(
@@ -261,22 +287,27 @@ def train_one_epoch(
             if len(x) % 2:  # timm's Mixup pairs samples and needs an even batch
                 x, y = x[:-1], y[:-1]
             x, y = mixup(x, y)
-        with autocast(device, parts["amp"]):
-            loss = criterion(forward(x), y)
-        finite = bool(torch.isfinite(loss))
-        if not finite and scaler is None:
-            raise CarclfError(
-                f"training diverged: loss {loss.item()} in epoch {epoch + 1}, step {batch_i + 1} of {n_batches} "
-                f"(update {step + 1} of the fold): lower train.lr, raise train.warmup_epochs, or set train.grad_clip"
-            )
-        if batch_i == group_start:
-            optimizer.zero_grad(set_to_none=True)
-        part = loss / group_size
-        if scaler is not None:
-            scaler.scale(part).backward()
-        else:
-            part.backward()
-        if batch_i == group_start + group_size - 1:  # the group is complete: one optimizer update
+        last_of_group = batch_i == group_start + group_size - 1
+        # Under DDP, gradients are all-reduced only on a group's last micro-batch.
+        sync = contextlib.nullcontext() if last_of_group or "ddp" not in parts else parts["ddp"].no_sync()
+        with sync:
+            with autocast(device, parts["amp"]):
+                loss = criterion(forward(x), y)
+            finite = bool(torch.isfinite(loss))
+            if not finite and scaler is None:
+                raise CarclfError(
+                    f"training diverged: loss {loss.item()} in epoch {epoch + 1}, step {batch_i + 1} of {n_batches} "
+                    f"(update {step + 1} of the fold): lower train.lr, raise train.warmup_epochs, or set "
+                    "train.grad_clip"
+                )
+            if batch_i == group_start:
+                optimizer.zero_grad(set_to_none=True)
+            part = loss / group_size
+            if scaler is not None:
+                scaler.scale(part).backward()
+            else:
+                part.backward()
+        if last_of_group:  # the group is complete: one optimizer update
             if scaler is not None:
                 scaler.unscale_(optimizer)
             if cfg.train.grad_clip > 0:
@@ -297,8 +328,8 @@ def train_one_epoch(
             skipped += 1
         bar.set_postfix(loss=f"{total / max(count, 1):.3f}", refresh=False)
         tick = time.perf_counter()
-    return {"loss": total / max(count, 1) if count else math.nan, "step": step, "bad": bad, "skipped": skipped,
-            "seconds": time.perf_counter() - start, "wait": wait}
+    return {"loss": total / count if count else math.nan, "count": count, "step": step, "bad": bad,
+            "skipped": skipped, "seconds": time.perf_counter() - start, "wait": wait}
 
 
 def set_epoch_switches(parts: dict, cfg: Config, epoch: int) -> dict:
@@ -359,10 +390,16 @@ def train_fold(
     rd: RunDir,
     on_epoch_end: Callable[[int, int, dict], None] | None = None,
     log: Callable[[str], None] = print,
+    device: torch.device | None = None,
 ) -> dict:
-    """Train fold ``k``; write metrics.csv, best.pt, last.pt and oof.npz into the run's ``fold<k>/``."""
+    """Train fold ``k``; write metrics.csv, best.pt, last.pt and oof.npz into the run's ``fold<k>/``.
+
+    Distributed (torchrun): each rank trains on its share of every batch (``data.batch_size`` per process), the
+    validation logits are gathered so every rank sees the same figures (and stops early together), and rank 0 alone
+    writes files and, at the end, scores the final candidates and writes the out-of-fold logits."""
     t = cfg.train
-    device = select_device(t.device)
+    device = device or select_device(t.device)
+    rank, world = rank_world()
     configure_backends(device, t.tf32, t.cudnn_benchmark)
     if t.threads:
         torch.set_num_threads(t.threads)
@@ -384,16 +421,33 @@ def train_fold(
         paths[va_idx], labels[va_idx], eval_transform(dcfg), size, cfg.data.draft_factor,
         max_pixels=cfg.data.max_pixels,
     )
-    bs = min(cfg.data.batch_size, len(train_ds))
-    batches = len(train_ds) // bs if len(train_ds) > bs else 1
+    per_rank = -(-len(train_ds) // world)
+    bs = min(cfg.data.batch_size, per_rank)
+    batches = per_rank // bs if per_rank > bs else 1
     steps = math.ceil(batches / t.accum_steps)  # optimizer updates per epoch
     seed_everything(t.seed * 1000 + k)
     parts = build_fold(cfg, len(classes), steps, device, labels[tr_idx], classes)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        if t.sync_bn:
+            if device.type != "cuda":
+                raise CarclfError("train.sync_bn=true needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel)")
+            parts["model"] = nn.SyncBatchNorm.convert_sync_batchnorm(parts["model"])  # same parameters
+        ddp = DistributedDataParallel(
+            parts["model"], device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=t.freeze_epochs > 0,  # the warm start leaves the backbone without gradients
+        )
+        parts["ddp"] = ddp
+        parts["forward"] = torch.compile(ddp) if t.compile else ddp
     pin = device.type == "cuda"
     # One loader each for the fold, workers kept across epochs; the sampler seeds every photo from (seed, epoch).
     train_loader = make_loader(train_ds, bs, cfg.data.num_workers, shuffle=True, seed=t.seed * 1009 + k,
-                               pin_memory=pin, drop_last=len(train_ds) > bs)
+                               pin_memory=pin, drop_last=per_rank > bs, rank=rank, world_size=world)
     val_loader = make_loader(val_ds, cfg.predict.batch_size, cfg.data.num_workers, pin_memory=pin)
+    # Per-epoch validation: each rank scores its share, the logits are gathered.
+    val_shard = val_loader if world == 1 else make_loader(
+        val_ds, cfg.predict.batch_size, cfg.data.num_workers, pin_memory=pin, rank=rank, world_size=world)
     start_epoch, step, history, bad = 0, 0, [], []
     primary = "ema" if parts["ema"] is not None else "raw"
     best = {"val_log_loss": math.inf, "epoch": -1, "weights": primary}
@@ -426,7 +480,7 @@ def train_fold(
     since_best = start_epoch - 1 - best["epoch"]
     val_labels = labels[va_idx]
     for epoch in range(start_epoch, t.epochs):
-        seed_everything(t.seed * 1_000_003 + k * 1009 + epoch)  # Mixup, erasing, dropout in this process
+        seed_everything(t.seed * 1_000_003 + k * 1009 + epoch + rank * 7919)  # Mixup, erasing, dropout here
         train_loader.sampler.set_epoch(epoch)
         switches = set_epoch_switches(parts, cfg, epoch)
         out = train_one_epoch(
@@ -436,9 +490,11 @@ def train_fold(
         if parts["swa"] is not None and epoch >= t.swa_start_epoch:
             parts["swa"].update_parameters(parts["model"])
         bad.extend(int(tr_idx[i]) for i in out["bad"])
-        logits, order, ok = infer_logits(
-            _eval_model(parts), val_loader, device, parts["normalize"], amp=parts["amp"], channels_last=t.channels_last,
-        )
+        logits, order, ok = _gather_logits(infer_logits(
+            _eval_model(parts), val_shard, device, parts["normalize"], amp=parts["amp"], channels_last=t.channels_last,
+        ))
+        if world > 1:
+            out = _reduce_epoch(out)
         bad.extend(int(va_idx[i]) for i in order[~ok])
         s = score(softmax(logits[ok]), val_labels[order[ok]])
         row = {
@@ -446,7 +502,8 @@ def train_fold(
             "val_accuracy": s["accuracy"], "val_top5": s["top5"],
             "lr": max(g["lr"] for g in parts["optimizer"].param_groups),  # the head's, with layer decay
             "ema_decay": parts["ema"].get_decay(step) if parts["ema"] is not None else math.nan,
-            "skipped_steps": out["skipped"], **switches, "images_per_s": len(train_loader) * bs / out["seconds"],
+            "skipped_steps": out["skipped"], **switches,
+            "images_per_s": len(train_loader) * bs * world / out["seconds"],
             "data_wait": out["wait"] / out["seconds"], "seconds": out["seconds"], "weights": primary,
         }
         history.append(row)
@@ -454,16 +511,18 @@ def train_fold(
         if improved:
             best = {"val_log_loss": s["log_loss"], "epoch": epoch, "weights": primary}
             since_best = 0
-            atomic_torch_save(
-                {"model": _eval_model(parts).state_dict(), "epoch": epoch, "config": cfg.to_dict(),
-                 "classes": classes, "val_log_loss": s["log_loss"]},
-                fp.best,
-            )
+            if rank == 0:
+                atomic_torch_save(
+                    {"model": _eval_model(parts).state_dict(), "epoch": epoch, "config": cfg.to_dict(),
+                     "classes": classes, "val_log_loss": s["log_loss"]},
+                    fp.best,
+                )
         else:
             since_best += 1
         stop = bool(t.patience) and since_best >= t.patience
-        _write_metrics(fp.metrics, history)
-        atomic_torch_save({**_state(parts, epoch, step, best, history, bad, cfg), "stopped": stop}, fp.last)
+        if rank == 0:
+            _write_metrics(fp.metrics, history)
+            atomic_torch_save({**_state(parts, epoch, step, best, history, bad, cfg), "stopped": stop}, fp.last)
         log(
             f"fold {k} epoch {epoch + 1}/{t.epochs}: loss {out['loss']:.4f}  val log loss {s['log_loss']:.4f}  "
             f"acc {s['accuracy']:.3f}  top5 {s['top5']:.3f}  {row['images_per_s']:.1f} img/s"
@@ -476,17 +535,43 @@ def train_fold(
         if stop:
             log(f"fold {k}: no better val log loss for {t.patience} epochs, stopping early")
             break
-    best = final_candidates(parts, cfg, fp, train_loader, val_loader, val_labels, history, best, classes, device, log)
-    for row in history:
-        row["chosen"] = "*" if (row["epoch"], row.get("weights", primary)) == (best["epoch"], best["weights"]) else ""
-    _write_metrics(fp.metrics, history)
-    if bad:
-        log(f"fold {k}: {len(set(bad))} photo(s) failed to decode during training (see skipped.csv)")
-        rd.update_skipped({str(ts.paths[i]): "failed to decode during training" for i in set(bad)})
-    eval_size, size_scores, val_loader = choose_eval_size(
-        cfg, fp, val_ds, val_loader, val_labels, size, len(classes), device, log
-    )
-    return write_oof(cfg, fp, val_loader, va_idx, data, device, best, eval_size, size_scores)
+    bad = sorted({i for part in gather_objects(bad) for i in part})
+
+    def finish(best: dict = best) -> dict:
+        best = final_candidates(parts, cfg, fp, train_loader, val_loader, val_labels, history, best, classes, device,
+                                log)
+        for row in history:
+            row["chosen"] = "*" if (row["epoch"], row.get("weights", primary)) == (best["epoch"], best["weights"]) \
+                else ""
+        _write_metrics(fp.metrics, history)
+        if bad:
+            log(f"fold {k}: {len(bad)} photo(s) failed to decode during training (see skipped.csv)")
+            rd.update_skipped({str(ts.paths[i]): "failed to decode during training" for i in bad})
+        eval_size, size_scores, loader = choose_eval_size(
+            cfg, fp, val_ds, val_loader, val_labels, size, len(classes), device, log
+        )
+        return write_oof(cfg, fp, loader, va_idx, data, device, best, eval_size, size_scores)
+
+    barrier()  # every rank has finished training before rank 0 alone scores and writes
+    return on_main(finish)
+
+
+def _gather_logits(part: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every rank's (logits, dataset indices, ok) of a sharded loader, merged by index (padding repeats dropped)."""
+    parts = gather_objects(part)
+    if len(parts) == 1:
+        return part
+    logits, order, ok = (np.concatenate(x) for x in zip(*parts, strict=True))
+    _, first = np.unique(order, return_index=True)
+    return logits[first], order[first], ok[first]
+
+
+def _reduce_epoch(out: dict) -> dict:
+    """One epoch's figures over all ranks: the loss averaged over every photo, failures and skips summed."""
+    parts = gather_objects({key: out[key] for key in ("loss", "count", "skipped")})
+    counted = [p for p in parts if p["count"]]
+    loss = sum(p["loss"] * p["count"] for p in counted) / sum(p["count"] for p in counted) if counted else math.nan
+    return {**out, "loss": loss, "skipped": sum(p["skipped"] for p in parts)}
 
 
 def choose_eval_size(
