@@ -32,7 +32,7 @@ def tiny_overrides(root: Path, out: Path, **extra: object) -> list[str]:
     base = {
         "data.root": root, "out_dir": out, "name": "t", "data.n_folds": 2, "data.img_size": 64,
         "data.batch_size": 16, "data.num_workers": 0, "train.epochs": 1, "train.warmup_epochs": 0,
-        "predict.batch_size": 32, "train.threads": 2,
+        "predict.batch_size": 32, "train.threads": 2, "track.enabled": False,  # tracking: tests/test_tracking.py
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

@@ -122,6 +122,13 @@ def parse_sizes(spec: str) -> list[int]:
 
 
 @dataclass
+class TrackConfig:
+    enabled: bool = True  # MLflow tracking of every fold: params, per-epoch metrics, summaries, artefacts
+    uri: str = ""  # "": a local SQLite store in <out_dir>/mlruns; or http://HOST:5000, sqlite:///PATH, ...
+    experiment: str = "carclf"
+
+
+@dataclass
 class Config:
     name: str = "run"  # runs/<name>/
     out_dir: str = "runs"
@@ -130,6 +137,7 @@ class Config:
     aug: AugConfig = field(default_factory=AugConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -289,7 +297,16 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise CarclfError(message)
     check_folder_name(cfg.name, "name")
+    if cfg.name in RESERVED_NAMES:
+        raise CarclfError(f"name={cfg.name!r} is reserved: {RESERVED_NAMES[cfg.name]}; choose another run name")
     parse_sizes(cfg.predict.eval_sizes)
+    from carclf.tracking import check_settings
+
+    check_settings(cfg.track.enabled, cfg.track.uri, cfg.track.experiment)
+
+
+# Folders of out_dir that are not runs.
+RESERVED_NAMES = {"prepare": "out_dir/prepare holds the data checks", "mlruns": "out_dir/mlruns is the MLflow store"}
 
 
 def check_folder_name(name: str, key: str) -> None:
@@ -333,6 +350,7 @@ __all__ = [
     "DataConfig",
     "ModelConfig",
     "PredictConfig",
+    "TrackConfig",
     "TrainConfig",
     "check_folder_name",
     "config_from_dict",

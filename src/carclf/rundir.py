@@ -11,6 +11,7 @@
       skipped.csv          photos left out of training, with the reason
       evaluation.json      written by ``carclf evaluate``
       fold<k>/             best.pt  last.pt  metrics.csv  oof.npz  summary.json  calibration.json
+                           mlflow_run.json  curves.png   (with tracking on)
 
 Train, calibrate, evaluate and the Predictor reach these files through this module only. ``--overwrite`` deletes
 a folder only when it carries the marker and holds nothing carclf did not write; locks are ``filelock`` locks
@@ -39,7 +40,8 @@ MARKER = ".carclf-run"
 LOCKS = ".locks"
 FOLD_RE = re.compile(r"fold(\d+)")
 TOP_FILES = {"config.yaml", "run.json", "folds.csv", "skipped.csv", "evaluation.json", MARKER}
-FOLD_FILES = {"best.pt", "last.pt", "metrics.csv", "oof.npz", "summary.json", "calibration.json"}
+FOLD_FILES = {"best.pt", "last.pt", "metrics.csv", "oof.npz", "summary.json", "calibration.json", "curves.png",
+              "mlflow_run.json"}
 RUN_LOCK_TIMEOUT = 120.0  # seconds to wait for another process's short update of the shared files
 
 
@@ -78,6 +80,11 @@ class FoldPaths:
     @property
     def calibration(self) -> Path:
         return self.dir / "calibration.json"
+
+    @property
+    def mlflow_run(self) -> Path:
+        """The fold's MLflow run id, so a resumed fold, calibrate and evaluate log into the same run."""
+        return self.dir / "mlflow_run.json"
 
     @property
     def complete(self) -> bool:

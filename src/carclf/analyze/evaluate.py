@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from carclf.analyze.metrics import score, softmax
-from carclf.calibrate.temperature import load_oof
+from carclf.calibrate.temperature import load_oof, log_fold_figures
 from carclf.data.merges import MergeMap, identity
 from carclf.infer.submission import finalize
 from carclf.io import atomic_write_text
 from carclf.rundir import RunDir
 
 
-def evaluate_run(run_dir: Path | str) -> list[dict]:
+def evaluate_run(run_dir: Path | str, log: Callable[[str], None] = print) -> list[dict]:
     """One row per completed fold plus an ``all`` row over the concatenated out-of-fold predictions; saved to
     ``evaluation.json`` in the run directory.
 
@@ -43,6 +44,8 @@ def evaluate_run(run_dir: Path | str) -> list[dict]:
         raw, cal, labels, original = (np.concatenate(x) for x in zip(*parts, strict=True))
         rows.append(_row("all", float("nan"), raw, cal, labels, original, merge, eps))
     atomic_write_text(rd.evaluation_json, json.dumps(rows, indent=1))
+    log_fold_figures(rd, {int(r["fold"]): {n: v for n, v in r.items() if n not in ("fold", "n")}
+                          for r in rows if r["fold"] != "all"}, "eval_", log)
     return rows
 
 

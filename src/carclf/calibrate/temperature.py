@@ -76,4 +76,18 @@ def calibrate_run(run_dir: Path | str, log: Callable[[str], None] = print) -> li
             log(f"warning: {warning}")
         atomic_write_text(fold.calibration, json.dumps(row, indent=1))
         rows.append(row)
+    log_fold_figures(rd, {r["fold"]: {k: r[k] for k in ("temperature", "nll_before", "nll_after")} for r in rows},
+                     "calibration_", log)
     return rows
+
+
+def log_fold_figures(rd: RunDir, figures: dict[int, dict], prefix: str, log: Callable[[str], None] = print) -> None:
+    """Add each fold's figures to the fold's MLflow run, when it was tracked (``track.*`` of the run's config)."""
+    cfg = rd.read_config()
+    if not cfg.track.enabled:
+        return
+    from carclf.tracking import log_to_run, read_run_id
+
+    for k, values in figures.items():
+        log_to_run(cfg.track.uri, read_run_id(rd.fold(k).mlflow_run), {prefix + n: v for n, v in values.items()},
+                   out_dir=rd.path.parent, log=log)

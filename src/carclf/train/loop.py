@@ -45,6 +45,7 @@ from carclf.runtime import (
     select_device,
     versions,
 )
+from carclf.tracking import Tracker, read_run_id, write_run_id
 from carclf.train.losses import ClassificationLoss, class_weights_for
 
 METRIC_FIELDS = [
@@ -170,9 +171,32 @@ def train(
             if on_main(claim):
                 log(f"fold {k}: already complete, skipping")
                 continue
-            train_fold(cfg, k, data, rd, on_epoch_end=on_epoch_end, log=log, device=device)
+            with start_tracker(cfg, rd, k, log, enabled=info.is_main) as tracker:
+                summary = train_fold(cfg, k, data, rd, on_epoch_end=on_epoch_end, log=log, device=device,
+                                     tracker=tracker)
+                fp = rd.fold(k)
+                tracker.log_metrics({key: v for key, v in summary.items() if key.startswith("oof_")},
+                                    step=cfg.train.epochs)
+                tracker.log_artifacts([rd.config_path, fp.metrics, fp.summary, rd.skipped_csv])
+                tracker.log_curves(fp.metrics)
     barrier()
     return rd.path
+
+
+def start_tracker(cfg: Config, rd: RunDir, k: int, log: Callable[[str], None], enabled: bool = True) -> Tracker:
+    """The fold's MLflow run (``track.*``): a resumed fold continues the run it started. A tracking server that
+    cannot be reached is one warning and no tracking, never a lost training run."""
+    fp = rd.fold(k)
+    tracker = Tracker.start(
+        enabled=enabled and cfg.track.enabled, uri=cfg.track.uri, experiment=cfg.track.experiment,
+        out_dir=rd.path.parent, run_name=f"{cfg.name}/fold{k}", params=cfg.to_dict(),
+        run_id=read_run_id(fp.mlflow_run), tags={"carclf.run_dir": str(rd.path.resolve()), "carclf.fold": str(k)},
+        log=log,
+    )
+    if tracker.run_id:
+        fp.dir.mkdir(parents=True, exist_ok=True)
+        write_run_id(fp.mlflow_run, tracker.run_id)
+    return tracker
 
 
 def _quiet(message: str) -> None:
@@ -391,6 +415,7 @@ def train_fold(
     on_epoch_end: Callable[[int, int, dict], None] | None = None,
     log: Callable[[str], None] = print,
     device: torch.device | None = None,
+    tracker: Tracker | None = None,
 ) -> dict:
     """Train fold ``k``; write metrics.csv, best.pt, last.pt and oof.npz into the run's ``fold<k>/``.
 
@@ -530,6 +555,8 @@ def train_fold(
             + (f"  {out['skipped']} fp16 step(s) skipped" if out["skipped"] else "")
             + ("  *" if improved else "")
         )
+        if tracker is not None:
+            tracker.log_metrics(row, step=epoch)
         if on_epoch_end is not None:
             on_epoch_end(k, epoch, row)
         if stop:
