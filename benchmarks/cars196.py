@@ -31,23 +31,42 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cars196"
 
 
 def bare_loop_images_per_s(cfg: Config, n_classes: int, steps: int = 20, warmup: int = 3) -> float:
-    """Forward, backward and AdamW step on random tensors: the speed the model alone allows."""
+    """Forward, backward and optimizer step on random tensors already on the device, on the recipe's device and in
+    its precision (autocast, loss scaling for fp16, channels_last): the speed the model alone allows."""
+    from carclf.runtime import amp_dtype, autocast, grad_scaler, select_device
+
     torch.manual_seed(0)
+    device = select_device(cfg.train.device)
+    dtype = amp_dtype(cfg.train.amp, device)
+    scaler = grad_scaler(device, dtype)
     size = data_config_for(cfg)["input_size"][-1]
-    model = create_model(cfg.model, n_classes, pretrained=False).train()  # same frozen layers as the recipe
+    model = create_model(cfg.model, n_classes, pretrained=False).to(device).train()  # the recipe's frozen layers
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    x = torch.randn(cfg.data.batch_size, 3, size, size)
+    x = torch.randn(cfg.data.batch_size, 3, size, size, device=device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, n_classes, (cfg.data.batch_size,))
+    y = torch.randint(0, n_classes, (cfg.data.batch_size,), device=device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     for i in range(warmup + steps):
         if i == warmup:
+            sync()
             start = time.perf_counter()
-        loss = torch.nn.functional.cross_entropy(model(x), y)
+        with autocast(device, dtype):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
-        loss.backward()
-        opt.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+    sync()
     return steps * cfg.data.batch_size / (time.perf_counter() - start)
 
 
@@ -81,7 +100,7 @@ def main() -> None:
     calibrate_run(run_dir)
     row = evaluate_run(run_dir)[0]
     with open(run_dir / f"fold{args.fold}" / "metrics.csv", encoding="utf-8") as fh:
-        epochs = list(csv.DictReader(fh))
+        epochs = [r for r in csv.DictReader(fh) if r["train_loss"]]  # per-epoch rows, not the final candidates
     # The first epoch includes worker start-up and allocator warm-up; report the steady state too.
     speeds = [float(e["images_per_s"]) for e in epochs]
     steady = statistics.median(speeds[1:] if len(speeds) > 1 else speeds)
@@ -92,6 +111,7 @@ def main() -> None:
         "val_log_loss_raw": row["log_loss_raw"], "val_log_loss_calibrated": row["log_loss"],
         "temperature": row["temperature"], "val_accuracy": row["accuracy"], "val_top5": row["top5"],
         "val_ece_calibrated": row["ece"], "n_val": row["n"],
+        "summary": json.loads((run_dir / f"fold{args.fold}" / "summary.json").read_text(encoding="utf-8")),
         "train_images_per_s": steady, "bare_loop_images_per_s_before": bare_before,
         "bare_loop_images_per_s_after": bare_after, "share_of_bare": steady / bare,
         "data_wait_share": wait, "wall_minutes": minutes,
