@@ -196,3 +196,26 @@ def test_each_fold_predicts_at_the_input_size_its_validation_chose(synth_data, t
             probs, bad = predictor.predict_paths(photos)
             assert not bad
             np.testing.assert_allclose(probs, softmax(logits[:4]), atol=1e-5)
+
+
+def test_progressive_resizing_follows_the_schedule(synth_data, tmp_path):
+    from carclf.data.dataset import ImageDataset, make_loader
+    from carclf.data.scan import scan_train
+    from carclf.data.transforms import data_config_for, train_transform
+
+    cfg = load_config(None, ["data.img_size=64"])
+    ts = scan_train(synth_data)
+    ds = ImageDataset(ts.paths[:8], ts.labels[:8], train_transform(data_config_for(cfg), cfg.aug), 64)
+    ds.transforms = {s: train_transform(data_config_for(cfg, s), cfg.aug) for s in (48, 64)}
+    loader = make_loader(ds, 4, 1, shuffle=True)
+    for size in (48, 64, 48):  # persistent workers get the size with every index
+        loader.sampler.set_size(size)
+        assert {tuple(x.shape[-2:]) for x, *_ in loader} == {(size, size)}
+
+    over = {"train.epochs": 3, "aug.size_schedule": "48:0,56:2"}
+    run = train(load_config(None, tiny_overrides(synth_data, tmp_path, **over)), log=lambda s: None)
+    assert [int(r["train_size"]) for r in _metrics(run)] == [48, 48, 56]
+    with pytest.raises(Exception, match="SIZE:EPOCH"):
+        load_config(None, ["aug.size_schedule=128-0"])
+    with pytest.raises(Exception, match="epochs 0..2"):
+        load_config(None, ["train.epochs=3", "aug.size_schedule=128:5"])

@@ -60,6 +60,8 @@ class AugConfig:
     cutmix: float = 0.0  # cutmix alpha; 0 disables
     mixup_prob: float = 1.0  # share of batches that get Mixup or CutMix (when either alpha is set)
     mixup_switch_prob: float = 0.5  # with both set: share of those batches that get CutMix instead of Mixup
+    size_schedule: str = ""  # progressive resizing, e.g. "128:0,160:4,192:8": the training input size from each
+    #                          (0-based) epoch on; validation and prediction use data.img_size
     mixup_off_epoch: int = 0  # 0: never; N: from the N-th epoch (0-based) on train on clean photos (a clean tail)
 
 
@@ -108,6 +110,24 @@ class PredictConfig:
     batch_size: int = 64
     eval_sizes: str = ""  # e.g. "224,256": input sizes to try besides the training size; each fold keeps the one
     #                       with the lowest validation log loss (train/test resolution discrepancy)
+
+
+def parse_size_schedule(spec: str, final: int, epochs: int) -> dict[int, int]:
+    """``aug.size_schedule`` "128:0,160:4" -> {0: 128, 4: 160}: the training input size from each epoch on."""
+    out: dict[int, int] = {}
+    for item in str(spec).replace(" ", "").split(","):
+        if not item:
+            continue
+        try:
+            size, epoch = (int(v) for v in item.split(":"))
+        except ValueError as exc:
+            raise CarclfError(f"aug.size_schedule='{spec}': write SIZE:EPOCH pairs, e.g. 128:0,160:4") from exc
+        if size < 32 or not 0 <= epoch < epochs:
+            raise CarclfError(f"aug.size_schedule='{spec}': sizes >= 32 px, epochs 0..{epochs - 1}")
+        out[epoch] = size
+    if out and 0 not in out:
+        out[0] = final
+    return dict(sorted(out.items()))
 
 
 def parse_sizes(spec: str) -> list[int]:
@@ -300,6 +320,7 @@ def validate(cfg: Config) -> None:
     if cfg.name in RESERVED_NAMES:
         raise CarclfError(f"name={cfg.name!r} is reserved: {RESERVED_NAMES[cfg.name]}; choose another run name")
     parse_sizes(cfg.predict.eval_sizes)
+    parse_size_schedule(cfg.aug.size_schedule, cfg.data.img_size, cfg.train.epochs)
     from carclf.tracking import check_settings
 
     check_settings(cfg.track.enabled, cfg.track.uri, cfg.track.experiment)

@@ -26,6 +26,10 @@ class EpochSampler(Sampler):
     def __init__(self, n: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
         self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
         self.rank, self.world_size = rank, world_size
+        self.size = 0  # progressive resizing: the epoch's input size, sent to the workers with every index
+
+    def set_size(self, size: int) -> None:
+        self.size = size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -43,7 +47,10 @@ class EpochSampler(Sampler):
             padded = order + order[: len(self) * self.world_size - self.n]
             order = padded[self.rank :: self.world_size]
         for i in order:
-            yield int(i), (base * 1_000_033 + int(i)) % 2**62
+            if self.size:
+                yield int(i), (base * 1_000_033 + int(i)) % 2**62, self.size
+            else:
+                yield int(i), (base * 1_000_033 + int(i)) % 2**62
 
 
 class ImageDataset(Dataset):
@@ -73,12 +80,15 @@ class ImageDataset(Dataset):
         self.substitute = substitute
         self.max_pixels = max_pixels  # data.max_pixels (0: no limit); None keeps Pillow's own guard
         self._shape: tuple[int, ...] | None = None
+        self.transforms: dict[int, Callable] = {}  # progressive resizing: transform per input size
+        self._size: int | None = None
 
     def __len__(self) -> int:
         return len(self.sources)
 
     def _load(self, i: int) -> torch.Tensor:
-        x = self.transform(load_rgb(self.sources[i], self.target, self.draft_factor, self.max_pixels))
+        transform = self.transform if self._size is None else self.transforms[self._size]
+        x = transform(load_rgb(self.sources[i], self.target, self.draft_factor, self.max_pixels))
         self._shape = tuple(x.shape)
         return x
 
@@ -96,10 +106,13 @@ class ImageDataset(Dataset):
             shape = self._shape or (3, self.target, self.target)
             return torch.zeros(shape, dtype=torch.uint8), self.labels[i], i, False
 
-    def __getitem__(self, key: int | tuple[int, int]):
+    def __getitem__(self, key: int | tuple[int, int] | tuple[int, int, int]):
         if not isinstance(key, tuple):
             return self._get(key)
-        i, seed = key
+        i, seed = key[:2]
+        self._size = key[2] if len(key) == 3 else None
+        if self._size is not None and self._size not in self.transforms:
+            raise KeyError(f"no transform for input size {self._size}: give ImageDataset.transforms one")
         if get_worker_info() is not None:  # a worker process: its RNGs serve this dataset alone
             seed_everything(seed)
             return self._get(i)

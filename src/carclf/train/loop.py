@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from carclf.analyze.metrics import score, softmax
-from carclf.config import Config, effective_lr, parse_sizes
+from carclf.config import Config, effective_lr, parse_size_schedule, parse_sizes
 from carclf.data.dataset import ImageDataset, make_loader
 from carclf.data.rundata import RunData, load_run_data
 from carclf.data.splits import parse_folds
@@ -50,7 +50,7 @@ from carclf.train.losses import ClassificationLoss, class_weights_for
 
 METRIC_FIELDS = [
     "epoch", "step", "train_loss", "val_log_loss", "val_accuracy", "val_top5", "lr", "ema_decay", "skipped_steps",
-    "mixup", "backbone_frozen", "images_per_s", "data_wait", "seconds", "weights", "chosen",
+    "mixup", "backbone_frozen", "train_size", "images_per_s", "data_wait", "seconds", "weights", "chosen",
 ]
 # Keys a resumed run may change; anything else must match the run it continues.
 RESUMABLE_KEYS = {("train", "folds"), ("train", "device"), ("train", "threads"), ("predict", "batch_size")}
@@ -446,6 +446,9 @@ def train_fold(
         paths[va_idx], labels[va_idx], eval_transform(dcfg), size, cfg.data.draft_factor,
         max_pixels=cfg.data.max_pixels,
     )
+    schedule = parse_size_schedule(cfg.aug.size_schedule, size, t.epochs)
+    for s_ in set(schedule.values()):  # progressive resizing: one training transform per size
+        train_ds.transforms[s_] = train_transform(data_config_for(cfg, s_), cfg.aug)
     per_rank = -(-len(train_ds) // world)
     bs = min(cfg.data.batch_size, per_rank)
     batches = per_rank // bs if per_rank > bs else 1
@@ -507,6 +510,8 @@ def train_fold(
     for epoch in range(start_epoch, t.epochs):
         seed_everything(t.seed * 1_000_003 + k * 1009 + epoch + rank * 7919)  # Mixup, erasing, dropout here
         train_loader.sampler.set_epoch(epoch)
+        epoch_size = schedule[max(e for e in schedule if e <= epoch)] if schedule else size
+        train_loader.sampler.set_size(epoch_size if schedule else 0)
         switches = set_epoch_switches(parts, cfg, epoch)
         out = train_one_epoch(
             parts, train_loader, cfg, device, step, epoch, desc=f"fold {k} epoch {epoch + 1}/{t.epochs}"
@@ -527,7 +532,7 @@ def train_fold(
             "val_accuracy": s["accuracy"], "val_top5": s["top5"],
             "lr": max(g["lr"] for g in parts["optimizer"].param_groups),  # the head's, with layer decay
             "ema_decay": parts["ema"].get_decay(step) if parts["ema"] is not None else math.nan,
-            "skipped_steps": out["skipped"], **switches,
+            "skipped_steps": out["skipped"], **switches, "train_size": epoch_size,
             "images_per_s": len(train_loader) * bs * world / out["seconds"],
             "data_wait": out["wait"] / out["seconds"], "seconds": out["seconds"], "weights": primary,
         }
