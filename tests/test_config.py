@@ -76,3 +76,16 @@ def test_resolved_config_round_trips(tmp_path):
 def test_shipped_recipes_load(recipe):
     cfg = load_config(recipe)
     assert cfg.model.name
+
+
+def test_lr_scaling_uses_the_global_batch():
+    from carclf.config import effective_lr, global_batch
+
+    cfg = load_config(None, ["data.batch_size=16", "train.lr=1e-3", "train.accum_steps=2", "train.lr_base_size=64"])
+    assert global_batch(cfg, world_size=4) == 128
+    assert effective_lr(cfg, world_size=4) == pytest.approx(2e-3)  # 16 x 2 x 4 = 128 photos: twice the base
+    assert effective_lr(cfg, world_size=1) == pytest.approx(5e-4)
+    cfg.train.lr_base_scale = "sqrt"
+    assert effective_lr(cfg, world_size=4) == pytest.approx(1e-3 * 2**0.5)
+    cfg.train.lr_base_size = 0
+    assert effective_lr(cfg, world_size=4) == 1e-3  # no scaling unless asked

@@ -65,3 +65,11 @@ def test_merges_flow_from_training_to_submission_columns(synth_data, tmp_path):
     ia, ib = columns.index(a), columns.index(b)
     np.testing.assert_allclose(p[:, ia], p[:, ib], rtol=1e-6)  # split evenly
     np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-6)
+
+
+def test_a_merge_map_saved_before_dropped_classes_existed_reads_back_equal():
+    from carclf.data.merges import MergeMap, build_merge_map
+
+    new = build_merge_map(["a", "b", "c"], [["a", "b"]])
+    old = {k: v for k, v in new.to_dict().items() if k not in ("dropped", "dropped_prob")}  # an older run.json
+    assert MergeMap.from_dict(old).to_dict() == new.to_dict()

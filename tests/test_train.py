@@ -207,7 +207,7 @@ def test_learning_rate_is_not_rescaled_unless_asked(synth_data, tmp_path):
     scaled = train(load_config(None, tiny_overrides(synth_data, tmp_path / "b", **over, **{"train.lr_base_size": 32})),
                    log=logs.append)
     assert json.loads((scaled / "run.json").read_text())["lr_effective"] == pytest.approx(5e-4)
-    assert any("lr 0.0005 = train.lr 0.002 x linear scaling to batch 8 from 32" in line for line in logs)
+    assert any("lr 0.0005 = train.lr 0.002 x linear scaling to global batch 8 from 32" in line for line in logs)
 
 
 def _parts_and_loader(synth_data, tmp_path, inf_at_step, scaler):

@@ -343,13 +343,21 @@ def check_folder_name(name: str, key: str) -> None:
         raise CarclfError(f"{key}={name!r} has leading/trailing spaces or control characters: remove them")
 
 
-def effective_lr(cfg: Config) -> float:
-    """The learning rate the optimizer gets: ``train.lr``, scaled to the batch only when ``train.lr_base_size`` is
-    set (timm's lr_base convention)."""
+def global_batch(cfg: Config, world_size: int | None = None) -> int:
+    """Photos per optimizer update: data.batch_size x train.accum_steps x processes (WORLD_SIZE under torchrun)."""
+    import os
+
+    world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", 1) or 1)
+    return cfg.data.batch_size * cfg.train.accum_steps * world
+
+
+def effective_lr(cfg: Config, world_size: int | None = None) -> float:
+    """The learning rate the optimizer gets: ``train.lr``, scaled to the global batch (:func:`global_batch`) only
+    when ``train.lr_base_size`` is set (timm's lr_base convention)."""
     t = cfg.train
     if not t.lr_base_size:
         return t.lr
-    ratio = cfg.data.batch_size / t.lr_base_size
+    ratio = global_batch(cfg, world_size) / t.lr_base_size
     return t.lr * (ratio if t.lr_base_scale == "linear" else ratio**0.5)
 
 

@@ -215,14 +215,14 @@ class RunDir:
                 raise CarclfError(f"--overwrite: '{self.path}' holds '{p}', which carclf must not delete")
         locks = self.path / LOCKS
         held = {int(m.group(1)) for m in (FOLD_RE.fullmatch(f.stem) for f in locks.glob("fold*.lock")) if m}
-        for k in sorted(held | set(self.fold_numbers())):
-            with self.fold_lock(k, "--overwrite"):
-                pass
-        if dry_run:
-            return
-        for entry in owned:
-            if entry.name != LOCKS:
-                _remove(entry)
+        with contextlib.ExitStack() as stack:  # every fold stays locked until the deletion is done
+            for k in sorted(held | set(self.fold_numbers())):
+                stack.enter_context(self.fold_lock(k, "--overwrite"))
+            if dry_run:
+                return
+            for entry in owned:
+                if entry.name != LOCKS:
+                    _remove(entry)
 
     # ------------------------------------------------------------------------------------------------ locks
     def _lock_path(self, name: str) -> Path:

@@ -50,6 +50,8 @@ def dist_info() -> DistInfo:
 
 def select_device(spec: str = "auto") -> torch.device:
     """``auto``: this process's GPU (its local rank under torchrun) when CUDA is there, else the CPU."""
+    if spec in ("auto", "cuda") and dist_info().distributed:
+        spec = "auto"  # under torchrun: this process's own GPU
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", dist_info().local_rank % torch.cuda.device_count())
@@ -146,6 +148,13 @@ def init_distributed(device: torch.device) -> DistInfo:
 
     info = dist_info()
     if info.distributed and not dist.is_initialized():
+        if device.type == "cuda":
+            if device.index != info.local_rank % torch.cuda.device_count():
+                raise CarclfError(
+                    f"under torchrun each process uses its own GPU (cuda:{info.local_rank} here), but the device is "
+                    f"'{device}': use train.device=auto (or cuda)"
+                )
+            torch.cuda.set_device(device)  # before the first collective: NCCL puts its buffers on this device
         # Rank 0 alone writes the out-of-fold logits (and recomputes SWA's BatchNorm statistics) at a fold's end while
         # the others wait: give that more than NCCL's default 10 minutes.
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))

@@ -21,8 +21,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from carclf.analyze.metrics import score, softmax
-from carclf.config import Config, effective_lr, parse_size_schedule, parse_sizes
+from carclf.config import Config, effective_lr, global_batch, parse_size_schedule, parse_sizes
 from carclf.data.dataset import ImageDataset, make_loader
+from carclf.data.merges import MergeMap
 from carclf.data.rundata import RunData, load_run_data
 from carclf.data.splits import parse_folds
 from carclf.data.transforms import batch_normalize, data_config_for, eval_transform, train_transform
@@ -113,7 +114,9 @@ def record_run_data(rd: RunDir, cfg: Config, data: RunData, resume: bool) -> Non
     if rd.meta_path.is_file():
         old = rd.read_meta()
         same_folds = rd.folds_csv.is_file() and rd.folds_csv.read_bytes() == data.folds_file.read_bytes()
-        if old.get("classes") != meta["classes"] or old.get("merge") != meta["merge"] or not same_folds:
+        # Through MergeMap, so a run.json written before a field was added still compares equal.
+        old_merge = MergeMap.from_dict(old["merge"]).to_dict() if "merge" in old else None
+        if old.get("classes") != meta["classes"] or old_merge != meta["merge"] or not same_folds:
             raise CarclfError(
                 f"--resume: the data under '{cfg.data.root}' changed since '{rd.path}' started (photos, classes, "
                 "merges or duplicate groups differ, so the folds would too). Start a new run name to train on it."
@@ -337,8 +340,10 @@ def train_one_epoch(
             if cfg.train.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             if scaler is not None:
+                scale = scaler.get_scale()
                 scaler.step(optimizer)  # skipped inside when the scaled gradients hold inf/NaN
                 scaler.update()
+                skipped += int(scaler.get_scale() < scale)  # the scale drops exactly when the update was skipped
             else:
                 optimizer.step()
             step += 1
@@ -348,8 +353,6 @@ def train_one_epoch(
         if finite:
             total += loss.item() * len(x)
             count += len(x)
-        else:
-            skipped += 1
         bar.set_postfix(loss=f"{total / max(count, 1):.3f}", refresh=False)
         tick = time.perf_counter()
     return {"loss": total / count if count else math.nan, "count": count, "step": step, "bad": bad,
@@ -493,11 +496,12 @@ def train_fold(
         start_epoch, step, best, history, bad = (
             state["epoch"] + 1, state["step"], state["best"], state["history"], state["bad"]
         )
+        best.setdefault("weights", primary)  # a last.pt from before SWA
         if state.get("stopped"):  # early-stopped before the interruption: go straight to the OOF logits
             start_epoch = t.epochs
         log(f"fold {k}: resuming after epoch {state['epoch'] + 1}")
     lr_note = "" if not t.lr_base_size else (
-        f" = train.lr {t.lr:g} x {t.lr_base_scale} scaling to batch {cfg.data.batch_size} from {t.lr_base_size}"
+        f" = train.lr {t.lr:g} x {t.lr_base_scale} scaling to global batch {global_batch(cfg)} from {t.lr_base_size}"
     )
     log(
         f"fold {k}: {len(tr_idx)} train / {len(va_idx)} val images, {len(classes)} classes, "
@@ -570,7 +574,10 @@ def train_fold(
     bad = sorted({i for part in gather_objects(bad) for i in part})
 
     def finish(best: dict = best) -> dict:
-        best = final_candidates(parts, cfg, fp, train_loader, val_loader, val_labels, history, best, classes, device,
+        # Rank 0 alone: SWA's BatchNorm pass reads every training photo, not rank 0's share.
+        bn_loader = train_loader if world == 1 else make_loader(
+            train_ds, bs, cfg.data.num_workers, shuffle=True, seed=t.seed * 1009 + k, pin_memory=pin)
+        best = final_candidates(parts, cfg, fp, bn_loader, val_loader, val_labels, history, best, classes, device,
                                 log)
         for row in history:
             row["chosen"] = "*" if (row["epoch"], row.get("weights", primary)) == (best["epoch"], best["weights"]) \
@@ -653,6 +660,7 @@ def final_candidates(
     swa = parts["swa"]
     if swa is not None and int(swa.n_averaged) > 0:
         train_loader.sampler.set_epoch(cfg.train.epochs)  # one more augmented pass, seeded like an epoch
+        train_loader.sampler.set_size(0)  # at the size SWA is scored and predicted at, resumed or not
         seed_everything(cfg.train.seed * 1_000_003 + fp.k * 1009 + cfg.train.epochs)
         cl = cfg.train.channels_last
 
