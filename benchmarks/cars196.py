@@ -39,10 +39,10 @@ def bare_loop_images_per_s(cfg: Config, n_classes: int, steps: int = 20, warmup:
     device = select_device(cfg.train.device)
     dtype = amp_dtype(cfg.train.amp, device)
     scaler = grad_scaler(device, dtype)
-    size = data_config_for(cfg)["input_size"][-1]
+    _, height, width = data_config_for(cfg)["input_size"]
     model = create_model(cfg.model, n_classes, pretrained=False).to(device).train()  # the recipe's frozen layers
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    x = torch.randn(cfg.data.batch_size, 3, size, size, device=device)
+    x = torch.randn(cfg.data.batch_size, 3, height, width, device=device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -107,7 +107,7 @@ def main() -> None:
     wait = statistics.median(float(e["data_wait"]) for e in epochs)
     result = {
         "recipe": Path(args.config).name, "overrides": args.overrides, "fold": args.fold,
-        "model": cfg.model.name, "img_size": data_config_for(cfg)["input_size"][-1], "epochs": len(epochs),
+        "model": cfg.model.name, "input_size": list(data_config_for(cfg)["input_size"][1:]), "epochs": len(epochs),
         "val_log_loss_raw": row["log_loss_raw"], "val_log_loss_calibrated": row["log_loss"],
         "temperature": row["temperature"], "val_accuracy": row["accuracy"], "val_top5": row["top5"],
         "val_ece_calibrated": row["ece"], "n_val": row["n"],

@@ -23,7 +23,8 @@ class DataConfig:
     root: str = ""  # competition layout: train/<class>/*.jpg, test/, test.csv, sample_submission.csv
     n_folds: int = 5  # stratified K-fold; saved once per data set and reused by every run
     fold_seed: int = 42  # seed of the split (separate from the training seed so runs share folds)
-    img_size: int = 0  # 0: the backbone's own default input size
+    img_size: int = 0  # input height in pixels (the width too, unless data.aspect); 0: the backbone's default
+    aspect: float = 1.0  # input width / height: cars photos are wide (cars196's median is 1.88), see README
     crop_pct: float = 0.0  # 0: the backbone's own default eval crop fraction
     batch_size: int = 32
     num_workers: int = 2  # DataLoader workers; 0 decodes in the training process
@@ -105,7 +106,12 @@ class TrainConfig:
 
 @dataclass
 class PredictConfig:
-    tta_hflip: bool = True  # average logits over the photo and its mirror image
+    tta_hflip: bool = True  # with tta=auto: average logits over the photo and its mirror image
+    tta: str = "auto"  # TTA policy (carclf.tta): none | hflip | multiscale | fivecrop | combos with + | view list;
+    #                    auto: hflip if tta_hflip else none. An ensemble's own policy overrides it.
+    oof_views: str = "hflip+multiscale"  # views whose out-of-fold logits each fold keeps (the ensemble step
+    #                    measures every TTA policy on them); the policy's own views are always kept
+    oof_features: bool = True  # keep the penultimate features of the out-of-fold photos (the report's map)
     eps: float = 1e-6  # probabilities are clipped to [eps, 1-eps] and renormalised
     batch_size: int = 64
     eval_sizes: str = ""  # e.g. "224,256": input sizes to try besides the training size; each fold keeps the one
@@ -282,6 +288,7 @@ def validate(cfg: Config) -> None:
         (cfg.data.num_workers >= 0, "data.num_workers must be 0 or more"),
         (cfg.data.img_size >= 0, "data.img_size must be 0 (backbone default) or a size in pixels"),
         (0 <= cfg.data.crop_pct <= 1, "data.crop_pct must be in [0, 1]"),
+        (0.25 <= cfg.data.aspect <= 4, "data.aspect (input width / height) must be in [0.25, 4]"),
         (0 < cfg.aug.scale_min <= 1, "aug.scale_min must be in (0, 1]"),
         (cfg.data.fold_policy in {"group", "stratified"}, "data.fold_policy must be 'group' or 'stratified'"),
         (cfg.data.within_class in {"keep_one", "keep_all"}, "data.within_class must be 'keep_one' or 'keep_all'"),
@@ -320,6 +327,13 @@ def validate(cfg: Config) -> None:
     if cfg.name in RESERVED_NAMES:
         raise CarclfError(f"name={cfg.name!r} is reserved: {RESERVED_NAMES[cfg.name]}; choose another run name")
     parse_sizes(cfg.predict.eval_sizes)
+    from carclf.tta import parse_policy, policy_views
+
+    try:
+        policy_views(cfg.predict)
+        parse_policy(cfg.predict.oof_views)
+    except CarclfError as exc:
+        raise CarclfError(f"predict.tta / predict.oof_views: {exc}") from None
     parse_size_schedule(cfg.aug.size_schedule, cfg.data.img_size, cfg.train.epochs)
     from carclf.tracking import check_settings
 

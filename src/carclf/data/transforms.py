@@ -7,8 +7,13 @@ from typing import Any
 from carclf.config import AugConfig, Config
 
 
-def backbone_data_config(model_name: str, img_size: int = 0, crop_pct: float = 0.0) -> dict[str, Any]:
-    """timm's ``resolve_data_config`` for a model name, without building the model; size/crop overridable."""
+def backbone_data_config(
+    model_name: str, img_size: int = 0, crop_pct: float = 0.0, aspect: float = 1.0,
+) -> dict[str, Any]:
+    """timm's ``resolve_data_config`` for a model name, without building the model; size/crop overridable.
+
+    ``img_size`` is the input height; the width is ``round(img_size * aspect)``. A size in carclf (``img_size``,
+    ``predict.eval_sizes``, ``aug.size_schedule``) always names the height."""
     import timm
     from timm.data import resolve_data_config
 
@@ -21,7 +26,16 @@ def backbone_data_config(model_name: str, img_size: int = 0, crop_pct: float = 0
         args["input_size"] = (3, img_size, img_size)
     if crop_pct:
         args["crop_pct"] = crop_pct
-    return resolve_data_config(args, pretrained_cfg=pcfg.to_dict() if pcfg else {})
+    dcfg = resolve_data_config(args, pretrained_cfg=pcfg.to_dict() if pcfg else {})
+    if aspect != 1.0:
+        h = dcfg["input_size"][1]
+        dcfg["input_size"] = (3, h, max(8, round(h * aspect)))
+    return dcfg
+
+
+def input_hw(dcfg: dict[str, Any]) -> tuple[int, int]:
+    """(height, width) of a data config's input."""
+    return int(dcfg["input_size"][1]), int(dcfg["input_size"][2])
 
 
 class BatchNormalize:
@@ -53,11 +67,15 @@ def train_transform(dcfg: dict[str, Any], aug: AugConfig):
     with :class:`BatchNormalize`; RandomErasing is applied to the normalised batch by the training loop)."""
     from timm.data import create_transform
 
+    h, w = input_hw(dcfg)
     return create_transform(
         dcfg["input_size"],
         is_training=True,
         use_prefetcher=True,
         scale=(aug.scale_min, 1.0),
+        # crop shapes around the input's own shape (timm's 3/4..4/3 of a square input), so a wide input is filled
+        # from a wide region of the photo instead of a stretched square
+        ratio=(3 / 4 * w / h, 4 / 3 * w / h),
         hflip=aug.hflip,
         auto_augment=aug.auto_augment or None,
         # Training crops are resampled cheaply (on 2 CPU cores bicubic doubles the per-photo cost); evaluation keeps
@@ -86,5 +104,5 @@ def eval_transform(dcfg: dict[str, Any]):
 
 
 def data_config_for(cfg: Config, size: int = 0) -> dict[str, Any]:
-    """The run's preprocessing; ``size`` > 0 evaluates at another input size (same crop fraction)."""
-    return backbone_data_config(cfg.model.name, size or cfg.data.img_size, cfg.data.crop_pct)
+    """The run's preprocessing; ``size`` > 0 evaluates at another input height (same crop fraction and aspect)."""
+    return backbone_data_config(cfg.model.name, size or cfg.data.img_size, cfg.data.crop_pct, cfg.data.aspect)

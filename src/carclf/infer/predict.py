@@ -34,7 +34,7 @@ def predict_run(
     predictor = Predictor(run_dir, device=device)
     log(
         f"predicting {len(test.ids)} photos with {len(predictor.models)} fold(s) {predictor.folds}, "
-        f"hflip TTA {'on' if predictor.cfg.predict.tta_hflip else 'off'}, "
+        f"TTA views {','.join(predictor.views)}, "
         f"temperatures {', '.join(f'{t:.3f}' for t in predictor.temperatures)}"
         + ("" if predictor.calibrated else " (not calibrated: run carclf calibrate first for better log loss)")
         + (" (some folds not calibrated: run carclf calibrate again)" if predictor.partly_calibrated else "")

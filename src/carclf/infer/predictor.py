@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from carclf.analyze.metrics import softmax
 from carclf.data.dataset import ImageDataset, make_loader
 from carclf.data.imageio import ImageSource
 from carclf.data.merges import MergeMap, identity
@@ -18,13 +19,36 @@ from carclf.models.factory import load_fold_model
 from carclf.models.forward import batch_logits
 from carclf.rundir import RunDir
 from carclf.runtime import amp_dtype, select_device
+from carclf.tta import policy_views
+
+
+class TorchFold:
+    """One fold's PyTorch model as an engine: a uint8 batch -> logits averaged over the TTA views.
+
+    The Predictor only talks to engines through :meth:`logits`, so another runtime (ONNX Runtime) or another
+    member of an ensemble plugs in beside it with the same preprocessing."""
+
+    engine = "torch"
+
+    def __init__(self, model: torch.nn.Module, dcfg: dict, views: list[str], device: torch.device,
+                 amp: torch.dtype | None, channels_last: bool) -> None:
+        self.model, self.dcfg, self.views = model, dcfg, views
+        self.device, self.amp, self.channels_last = device, amp, channels_last
+        self.normalize = batch_normalize(dcfg)
+
+    @torch.inference_mode()
+    def logits(self, x: torch.Tensor) -> np.ndarray:
+        """Float64 logits (batch, classes) of a uint8 NCHW batch."""
+        return batch_logits(self.model, x, self.device, self.normalize, self.views, self.amp,
+                            self.channels_last).double().cpu().numpy()
 
 
 class Predictor:
     """Every completed fold of a run, its temperature, and the run's eval preprocessing.
 
-    Per fold: logits (averaged over the photo and its mirror when ``predict.tta_hflip``) / T -> softmax; the folds'
-    probabilities are averaged, then shared out over the submission's columns (merged and dropped classes).
+    Per fold: logits (averaged over the TTA views of ``predict.tta``) / T -> softmax; the folds' probabilities are
+    averaged, then shared out over the submission's columns (merged and dropped classes). Each fold is an engine
+    (:class:`TorchFold`, or an ONNX Runtime session) grouped by the input size its validation chose.
     """
 
     def __init__(self, run_dir: Path | str, device: str = "auto", folds: list[int] | None = None) -> None:
@@ -46,14 +70,22 @@ class Predictor:
         self.folds = chosen
         self.incomplete = self.run.incomplete_folds()
         self.temperatures = [self.run.temperature(k) for k in chosen]
-        self.models = [
-            load_fold_model(self.cfg, self.run.fold(k).best, len(self.classes), self.device) for k in chosen
-        ]
         # Each fold predicts at the input size its validation chose (predict.eval_sizes); folds that share a size
         # share one decoding pass.
-        self.eval_sizes = [self.run.eval_size(k) or data_config_for(self.cfg)["input_size"][-1] for k in chosen]
+        self.eval_sizes = [self.run.eval_size(k) or data_config_for(self.cfg)["input_size"][1] for k in chosen]
         self.data_configs = {s: data_config_for(self.cfg, s) for s in sorted(set(self.eval_sizes))}
         self.amp = amp_dtype(self.cfg.train.amp, self.device)
+        self.views = policy_views(self.cfg.predict)  # TTA: logits averaged over these views (carclf.tta)
+        self.engines = [
+            TorchFold(load_fold_model(self.cfg, self.run.fold(k).best, len(self.classes), self.device),
+                      self.data_configs[s], self.views, self.device, self.amp, self.cfg.train.channels_last)
+            for k, s in zip(chosen, self.eval_sizes, strict=True)
+        ]
+
+    @property
+    def models(self) -> list:
+        """The fold engines (kept under their old name: one per completed fold)."""
+        return self.engines
 
     @property
     def calibrated(self) -> bool:
@@ -63,23 +95,20 @@ class Predictor:
     def partly_calibrated(self) -> bool:
         return self.calibrated and any(t == 1.0 for t in self.temperatures)
 
-    @torch.inference_mode()
     def _probs(self, loader, size: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
-        """One pass over the photos at input ``size``: the sum of the probabilities of every fold model that predicts
-        at that size, on each batch (decoding once, not once per fold)."""
+        """One pass over the photos at input ``size``: the sum of the probabilities of every fold engine that
+        predicts at that size, on each batch (decoding once, not once per fold)."""
         if progress:
             from tqdm.auto import tqdm
 
             loader = tqdm(loader, desc=f"predict @ {size}px", leave=False, dynamic_ncols=True, disable=None)
-        normalize = batch_normalize(self.data_configs[size])
-        members = [(m, t) for m, t, s in zip(self.models, self.temperatures, self.eval_sizes, strict=True) if s == size]
+        members = [(e, t) for e, t, s in zip(self.engines, self.temperatures, self.eval_sizes, strict=True)
+                   if s == size]
         probs, idx, oks = [], [], []
         for x, _, i, ok in loader:
             p = 0.0
-            for model, t in members:
-                logits = batch_logits(model, x, self.device, normalize, self.cfg.predict.tta_hflip, self.amp,
-                                      self.cfg.train.channels_last)
-                p = p + torch.softmax(logits.double() / t, dim=1).cpu().numpy()
+            for engine, t in members:
+                p = p + softmax(engine.logits(x), t)
             probs.append(p)
             idx.append(i.numpy())
             oks.append(ok.numpy().astype(bool))
@@ -103,7 +132,7 @@ class Predictor:
             loader = make_loader(ds, self.cfg.predict.batch_size, workers, pin_memory=self.device.type == "cuda")
             p, ok_size = self._probs(loader, size, progress)
             total, ok = total + p, ok & ok_size
-        probs = self.merge.expand(total / len(self.models))
+        probs = self.merge.expand(total / len(self.engines))
         bad = np.where(~ok)[0].tolist()
         if bad:
             if fill_bad:

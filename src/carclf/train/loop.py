@@ -30,7 +30,7 @@ from carclf.data.transforms import batch_normalize, data_config_for, eval_transf
 from carclf.errors import CarclfError
 from carclf.io import atomic_savez, atomic_torch_save, atomic_write_text
 from carclf.models.factory import create_model, load_fold_model
-from carclf.models.forward import infer_logits
+from carclf.models.forward import infer_logits, infer_view_logits
 from carclf.rundir import FoldPaths, RunDir
 from carclf.runtime import (
     amp_dtype,
@@ -48,6 +48,7 @@ from carclf.runtime import (
 )
 from carclf.tracking import Tracker, read_run_id, write_run_id
 from carclf.train.losses import ClassificationLoss, class_weights_for
+from carclf.tta import parse_policy, policy_views
 
 METRIC_FIELDS = [
     "epoch", "step", "train_loss", "val_log_loss", "val_accuracy", "val_top5", "lr", "ema_decay", "skipped_steps",
@@ -439,7 +440,7 @@ def train_fold(
     if len(va_idx) == 0 or len(tr_idx) == 0:
         raise CarclfError(f"fold {k} has no training or no validation images after skipping unreadable ones")
     dcfg = data_config_for(cfg)
-    size = dcfg["input_size"][-1]
+    size = dcfg["input_size"][1]
     paths, labels = np.array(ts.paths, dtype=object), data.labels
     train_ds = ImageDataset(
         paths[tr_idx], labels[tr_idx], train_transform(dcfg, cfg.aug), size, cfg.data.draft_factor, substitute=True,
@@ -632,7 +633,7 @@ def choose_eval_size(
                           max_pixels=cfg.data.max_pixels)
         loaders[s] = val_loader if s == size else make_loader(ds, cfg.predict.batch_size, cfg.data.num_workers)
         logits, order, ok = infer_logits(
-            model, loaders[s], device, batch_normalize(dcfg), tta_hflip=cfg.predict.tta_hflip,
+            model, loaders[s], device, batch_normalize(dcfg), policy_views(cfg.predict),
             amp=amp_dtype(cfg.train.amp, device), channels_last=cfg.train.channels_last,
         )
         scores[s] = score(softmax(logits[ok]), val_labels[order[ok]])["log_loss"]
@@ -695,24 +696,34 @@ def write_oof(
     """Out-of-fold logits of the best checkpoint, with the same TTA the Predictor uses, into oof.npz.
 
     Besides the model's labels it keeps each photo's path and its original (pre-merge) label, so evaluation can
-    score in the submission's columns too."""
+    score in the submission's columns too; the logits of every view in ``predict.oof_views`` (float16,
+    ``view_logits`` with names in ``views``), so the ensemble step can measure TTA policies on out-of-fold photos;
+    and (``predict.oof_features``) the penultimate features of the first view, for the report's embedding map."""
     model = load_fold_model(cfg, fp.best, len(data.classes), device)
-    logits, order, ok = infer_logits(
-        model, val_loader, device, batch_normalize(data_config_for(cfg, eval_size)), tta_hflip=cfg.predict.tta_hflip,
+    policy = policy_views(cfg.predict)
+    views = list(dict.fromkeys(policy + parse_policy(cfg.predict.oof_views)))
+    view_logits, order, ok, feats = infer_view_logits(
+        model, val_loader, device, batch_normalize(data_config_for(cfg, eval_size)), views,
         amp=amp_dtype(cfg.train.amp, device), channels_last=cfg.train.channels_last,
+        features=cfg.predict.oof_features,
     )
     by_index = np.argsort(order)  # loader order -> dataset order (the loader does not shuffle; stay safe anyway)
-    logits, ok = logits[by_index][ok[by_index]], ok[by_index]
-    idx = np.asarray(va_idx)[ok]
+    keep = by_index[ok[by_index]]
+    view_logits = view_logits[:, keep]
+    logits = view_logits[[views.index(v) for v in policy]].mean(0)
+    idx = np.asarray(va_idx)[order[keep]]
     labels = data.labels[idx]
     rel = np.array(data.trainset.relpaths(), dtype=object)[idx]
     s = score(softmax(logits), labels)
     summary = {"fold": fp.k, "best_epoch": best["epoch"], "best_weights": best.get("weights"), "eval_size": eval_size,
-               "eval_size_log_loss": {str(k): v for k, v in (size_scores or {}).items()},
-               "lr_effective": effective_lr(cfg), "versions": versions(), **{f"oof_{m}": v for m, v in s.items()}}
+               "eval_size_log_loss": {str(k): v for k, v in (size_scores or {}).items()}, "tta": policy,
+               "oof_views": views, "lr_effective": effective_lr(cfg), "versions": versions(),
+               **{f"oof_{m}": v for m, v in s.items()}}
     atomic_write_text(fp.summary, json.dumps(summary, indent=1))
+    extra = {"features": feats[keep].astype(np.float16)} if feats is not None else {}
     atomic_savez(  # last: its presence marks the fold complete
         fp.oof, indices=idx, labels=labels, logits=logits.astype(np.float32),
         original_labels=np.asarray(data.trainset.labels)[idx], paths=rel.astype(str),
+        view_logits=view_logits.astype(np.float16), views=np.array(views), **extra,
     )
     return summary
