@@ -68,7 +68,8 @@ class AugConfig:
 
 @dataclass
 class TrainConfig:
-    folds: str = "0"  # "0", "0,2" or "all"
+    folds: str = "0"  # "0", "0,2", "all"; add "full" ("all,full" or "full") for the full-data fit
+    full_epochs: int = 0  # epochs of the full-data fit; 0: the epochs the run's completed folds chose (median)
     epochs: int = 10
     lr: float = 1e-3  # peak learning rate, used as given unless lr_base_size is set
     lr_base_size: int = 0  # 0: no scaling; N: lr is for a batch of N and is scaled to data.batch_size
@@ -317,6 +318,8 @@ def validate(cfg: Config) -> None:
         (0 <= cfg.train.layer_decay <= 1, "train.layer_decay must be 0 (off) or in (0, 1]"),
         (cfg.train.accum_steps >= 1, "train.accum_steps must be at least 1"),
         (cfg.train.freeze_epochs >= 0, "train.freeze_epochs must be 0 or more"),
+        (0 <= cfg.train.full_epochs <= cfg.train.epochs,
+         "train.full_epochs must be 0 (the folds' choice) or at most train.epochs (its schedule's length)"),
         (0 <= cfg.train.swa_start_epoch < max(cfg.train.epochs, 1),
          "train.swa_start_epoch must be 0 (off) or an epoch before train.epochs"),
     ]

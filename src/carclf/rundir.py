@@ -12,6 +12,8 @@
       evaluation.json      written by ``carclf evaluate``
       fold<k>/             best.pt  last.pt  metrics.csv  oof.npz  summary.json  calibration.json
                            mlflow_run.json  curves.png   (with tracking on)
+      full/                the full-data fit (train.folds=full): best.pt  last.pt  metrics.csv  summary.json
+                           (no oof.npz: it has no validation photos; summary.json, written last, marks it complete)
 
 Train, calibrate, evaluate and the Predictor reach these files through this module only. ``--overwrite`` deletes
 a folder only when it carries the marker and holds nothing carclf did not write; locks are ``filelock`` locks
@@ -39,6 +41,8 @@ from carclf.io import atomic_write_text
 MARKER = ".carclf-run"
 LOCKS = ".locks"
 FOLD_RE = re.compile(r"fold(\d+)")
+FULL = -1  # the fold number of the full-data fit (train.folds=full), kept in full/
+FULL_DIR = "full"
 TOP_FILES = {"config.yaml", "run.json", "folds.csv", "skipped.csv", "evaluation.json", MARKER}
 FOLD_FILES = {"best.pt", "last.pt", "metrics.csv", "oof.npz", "summary.json", "calibration.json", "curves.png",
               "mlflow_run.json"}
@@ -87,8 +91,15 @@ class FoldPaths:
         return self.dir / "mlflow_run.json"
 
     @property
+    def is_full(self) -> bool:
+        return self.k == FULL
+
+    @property
     def complete(self) -> bool:
-        """A fold is complete once its out-of-fold logits are written (the last thing training does)."""
+        """A fold is complete once its out-of-fold logits are written (the last thing training does); the
+        full-data fit once its summary is."""
+        if self.is_full:
+            return self.summary.is_file() and self.best.is_file()
         return self.oof.is_file() and self.best.is_file()
 
 
@@ -131,7 +142,16 @@ class RunDir:
         return self.path / "evaluation.json"
 
     def fold(self, k: int) -> FoldPaths:
-        return FoldPaths(k, self.path / f"fold{k}")
+        """Fold k's files; ``fold(FULL)`` is the full-data fit's."""
+        return FoldPaths(k, self.path / (FULL_DIR if k == FULL else f"fold{k}"))
+
+    @property
+    def full(self) -> FoldPaths:
+        return self.fold(FULL)
+
+    def has_full(self) -> bool:
+        """A finished full-data fit (train.folds=full)."""
+        return self.full.complete
 
     def fold_numbers(self) -> list[int]:
         """Every fold that has a folder, complete or not."""
@@ -178,7 +198,11 @@ class RunDir:
         atomic_write_text(self.meta_path, json.dumps(meta, ensure_ascii=False, indent=1))
 
     def temperature(self, k: int) -> float:
-        """Fold k's fitted temperature, 1.0 before ``carclf calibrate``."""
+        """Fold k's fitted temperature, 1.0 before ``carclf calibrate``. The full-data fit has no out-of-fold photos
+        to fit one on: it takes the mean of the completed folds' temperatures (same recipe, same epochs)."""
+        if k == FULL:
+            temps = [self.temperature(j) for j in self.completed_folds()]
+            return float(sum(temps) / len(temps)) if temps else 1.0
         path = self.fold(k).calibration
         return float(json.loads(path.read_text(encoding="utf-8"))["temperature"]) if path.is_file() else 1.0
 
@@ -215,6 +239,7 @@ class RunDir:
                 raise CarclfError(f"--overwrite: '{self.path}' holds '{p}', which carclf must not delete")
         locks = self.path / LOCKS
         held = {int(m.group(1)) for m in (FOLD_RE.fullmatch(f.stem) for f in locks.glob("fold*.lock")) if m}
+        held |= {FULL} if (locks / "full.lock").is_file() or self.full.dir.is_dir() else set()
         with contextlib.ExitStack() as stack:  # every fold stays locked until the deletion is done
             for k in sorted(held | set(self.fold_numbers())):
                 stack.enter_context(self.fold_lock(k, "--overwrite"))
@@ -263,13 +288,13 @@ class RunDir:
         """Held while fold k trains; a second process that wants the same fold is refused at once."""
         from filelock import FileLock, Timeout
 
-        lock = FileLock(self._lock_path(f"fold{k}.lock"))
+        lock = FileLock(self._lock_path(FULL_DIR + ".lock" if k == FULL else f"fold{k}.lock"))
         try:
             lock.acquire(blocking=False)
         except Timeout as exc:
             raise CarclfError(
-                f"fold {k} of '{self.path}' is being trained by another process, so {doing} cannot touch it: wait "
-                "for it to finish, or train another fold (train.folds=...) with --resume"
+                f"{fold_name(k)} of '{self.path}' is being trained by another process, so {doing} cannot touch it: "
+                "wait for it to finish, or train another fold (train.folds=...) with --resume"
             ) from exc
         try:
             yield
@@ -299,11 +324,16 @@ class RunDir:
         tmp.replace(self.folds_csv)
 
 
+def fold_name(k: int) -> str:
+    """'fold 3', or 'the full-data fit'."""
+    return "the full-data fit" if k == FULL else f"fold {k}"
+
+
 def _run_entry_known(entry: Path) -> bool:
     name = entry.name
     if name == LOCKS or _is_temp(name):
         return True
-    if entry.is_dir() and FOLD_RE.fullmatch(name):
+    if entry.is_dir() and (FOLD_RE.fullmatch(name) or name == FULL_DIR):
         return all(c.name in FOLD_FILES or _is_temp(c.name) for c in entry.iterdir())
     return name in TOP_FILES and entry.is_file()
 
@@ -343,4 +373,4 @@ def clear_owned_folder(folder: Path, marker: str, known_names: set[str], what: s
         _remove(entry)
 
 
-__all__ = ["MARKER", "FoldPaths", "RunDir", "clear_owned_folder"]
+__all__ = ["FULL", "MARKER", "FoldPaths", "RunDir", "clear_owned_folder", "fold_name"]

@@ -99,14 +99,20 @@ def load_or_make_folds(
 
 
 def parse_folds(spec: str, n_folds: int) -> list[int]:
-    """``"all"`` -> every fold; ``"0,2"`` -> [0, 2]."""
-    if str(spec).strip().lower() == "all":
-        return list(range(n_folds))
+    """``"all"`` -> every fold; ``"0,2"`` -> [0, 2]; ``"full"`` (alone or after folds: ``"all,full"``) adds the
+    full-data fit, numbered ``-1`` (carclf.rundir.FULL) and always last, after the folds that choose its epochs."""
+    items = [s.strip().lower() for s in str(spec).split(",") if s.strip()]
+    full = "full" in items
+    items = [s for s in items if s != "full"]
+    if items == ["all"]:
+        return list(range(n_folds)) + ([-1] if full else [])
     try:
-        chosen = sorted({int(s) for s in str(spec).split(",") if s.strip()})
+        chosen = sorted({int(s) for s in items})
     except ValueError as exc:
-        raise CarclfError(f"train.folds='{spec}' must be 'all' or fold numbers such as 0 or 0,2") from exc
+        raise CarclfError(
+            f"train.folds='{spec}' must be 'all', fold numbers such as 0 or 0,2, and/or 'full' (the full-data fit)"
+        ) from exc
     bad = [k for k in chosen if not 0 <= k < n_folds]
-    if bad or not chosen:
+    if bad or not (chosen or full):
         raise CarclfError(f"train.folds='{spec}': folds are numbered 0..{n_folds - 1} (data.n_folds={n_folds})")
-    return chosen
+    return chosen + ([-1] if full else [])

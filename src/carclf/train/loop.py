@@ -31,7 +31,7 @@ from carclf.errors import CarclfError
 from carclf.io import atomic_savez, atomic_torch_save, atomic_write_text
 from carclf.models.factory import create_model, load_fold_model
 from carclf.models.forward import infer_logits, infer_view_logits
-from carclf.rundir import FoldPaths, RunDir
+from carclf.rundir import FoldPaths, RunDir, fold_name
 from carclf.runtime import (
     amp_dtype,
     autocast,
@@ -47,6 +47,7 @@ from carclf.runtime import (
     versions,
 )
 from carclf.tracking import Tracker, read_run_id, write_run_id
+from carclf.train.full import full_fit_plan
 from carclf.train.losses import ClassificationLoss, class_weights_for
 from carclf.tta import parse_policy, policy_views
 
@@ -193,8 +194,8 @@ def start_tracker(cfg: Config, rd: RunDir, k: int, log: Callable[[str], None], e
     fp = rd.fold(k)
     tracker = Tracker.start(
         enabled=enabled and cfg.track.enabled, uri=cfg.track.uri, experiment=cfg.track.experiment,
-        out_dir=rd.path.parent, run_name=f"{cfg.name}/fold{k}", params=cfg.to_dict(),
-        run_id=read_run_id(fp.mlflow_run), tags={"carclf.run_dir": str(rd.path.resolve()), "carclf.fold": str(k)},
+        out_dir=rd.path.parent, run_name=f"{cfg.name}/{fp.dir.name}", params=cfg.to_dict(),
+        run_id=read_run_id(fp.mlflow_run), tags={"carclf.run_dir": str(rd.path.resolve()), "carclf.fold": fp.dir.name},
         log=log,
     )
     if tracker.run_id:
@@ -433,12 +434,18 @@ def train_fold(
     if t.threads:
         torch.set_num_threads(t.threads)
     fp = rd.fold(k)
+    full = fp.is_full  # the full-data fit: every usable photo, no validation (train/full.py)
     fp.dir.mkdir(parents=True, exist_ok=True)
     ts = data.trainset
     tr_idx, va_idx = data.split(k)
     classes = data.classes
-    if len(va_idx) == 0 or len(tr_idx) == 0:
+    if len(tr_idx) == 0 or (len(va_idx) == 0 and not full):
         raise CarclfError(f"fold {k} has no training or no validation images after skipping unreadable ones")
+    plan = None
+    if full:
+        plan = _load_state(fp.last, device).get("plan") if fp.last.is_file() else None  # resumed: same plan
+        plan = plan or full_fit_plan(rd, cfg, log)
+    n_epochs = plan["epochs"] if full else t.epochs
     dcfg = data_config_for(cfg)
     size = dcfg["input_size"][1]
     paths, labels = np.array(ts.paths, dtype=object), data.labels
@@ -505,14 +512,14 @@ def train_fold(
         f" = train.lr {t.lr:g} x {t.lr_base_scale} scaling to global batch {global_batch(cfg)} from {t.lr_base_size}"
     )
     log(
-        f"fold {k}: {len(tr_idx)} train / {len(va_idx)} val images, {len(classes)} classes, "
+        f"{fold_name(k)}: {len(tr_idx)} train / {len(va_idx)} val images, {len(classes)} classes, "
         f"{cfg.model.name} @ {size}px on {device}, lr {effective_lr(cfg):g}{lr_note}"
         + (f", batch {bs} x {t.accum_steps} accumulated = {bs * t.accum_steps}" if t.accum_steps > 1 else "")
         + (f", EMA decay {t.ema_decay:g}" + (" after timm's warm-up" if t.ema_warmup else "") if t.ema else "")
     )
     since_best = start_epoch - 1 - best["epoch"]
     val_labels = labels[va_idx]
-    for epoch in range(start_epoch, t.epochs):
+    for epoch in range(start_epoch, n_epochs):
         seed_everything(t.seed * 1_000_003 + k * 1009 + epoch + rank * 7919)  # Mixup, erasing, dropout here
         train_loader.sampler.set_epoch(epoch)
         epoch_size = schedule[max(e for e in schedule if e <= epoch)] if schedule else size
@@ -525,13 +532,17 @@ def train_fold(
         if parts["swa"] is not None and epoch >= t.swa_start_epoch:
             parts["swa"].update_parameters(parts["model"])
         bad.extend(int(tr_idx[i]) for i in out["bad"])
-        logits, order, ok = _gather_logits(infer_logits(
-            _eval_model(parts), val_shard, device, parts["normalize"], amp=parts["amp"], channels_last=t.channels_last,
-        ))
+        if full:  # nothing to validate on: the folds chose the epochs and the weights
+            s = {"log_loss": math.nan, "accuracy": math.nan, "top5": math.nan}
+        else:
+            logits, order, ok = _gather_logits(infer_logits(
+                _eval_model(parts), val_shard, device, parts["normalize"], amp=parts["amp"],
+                channels_last=t.channels_last,
+            ))
+            bad.extend(int(va_idx[i]) for i in order[~ok])
+            s = score(softmax(logits[ok]), val_labels[order[ok]])
         if world > 1:
             out = _reduce_epoch(out)
-        bad.extend(int(va_idx[i]) for i in order[~ok])
-        s = score(softmax(logits[ok]), val_labels[order[ok]])
         row = {
             "epoch": epoch, "step": step, "train_loss": out["loss"], "val_log_loss": s["log_loss"],
             "val_accuracy": s["accuracy"], "val_top5": s["top5"],
@@ -557,10 +568,12 @@ def train_fold(
         stop = bool(t.patience) and since_best >= t.patience
         if rank == 0:
             _write_metrics(fp.metrics, history)
-            atomic_torch_save({**_state(parts, epoch, step, best, history, bad, cfg), "stopped": stop}, fp.last)
+            atomic_torch_save({**_state(parts, epoch, step, best, history, bad, cfg), "stopped": stop,
+                               **({"plan": plan} if plan else {})}, fp.last)
         log(
-            f"fold {k} epoch {epoch + 1}/{t.epochs}: loss {out['loss']:.4f}  val log loss {s['log_loss']:.4f}  "
-            f"acc {s['accuracy']:.3f}  top5 {s['top5']:.3f}  {row['images_per_s']:.1f} img/s"
+            f"{fold_name(k)} epoch {epoch + 1}/{n_epochs}: loss {out['loss']:.4f}  "
+            + ("" if full else f"val log loss {s['log_loss']:.4f}  acc {s['accuracy']:.3f}  top5 {s['top5']:.3f}  ")
+            + f"{row['images_per_s']:.1f} img/s"
             + (f"  EMA decay {row['ema_decay']:.4f}" if parts["ema"] is not None else "")
             + (f"  {out['skipped']} fp16 step(s) skipped" if out["skipped"] else "")
             + ("  *" if improved else "")
@@ -578,6 +591,8 @@ def train_fold(
         # Rank 0 alone: SWA's BatchNorm pass reads every training photo, not rank 0's share.
         bn_loader = train_loader if world == 1 else make_loader(
             train_ds, bs, cfg.data.num_workers, shuffle=True, seed=t.seed * 1009 + k, pin_memory=pin)
+        if full:
+            return finish_full(parts, cfg, fp, bn_loader, history, plan, classes, len(tr_idx), device, log)
         best = final_candidates(parts, cfg, fp, bn_loader, val_loader, val_labels, history, best, classes, device,
                                 log)
         for row in history:
@@ -652,27 +667,13 @@ def final_candidates(
     with the EMA) and the SWA average (BatchNorm statistics recomputed on the training photos). Whichever has the
     lowest validation log loss, the best epoch's weights included, becomes ``best.pt``; each gets a row in
     metrics.csv (``weights``) and the chosen one is marked (``chosen``)."""
-    from torch.optim.swa_utils import update_bn
-
     last_epoch = history[-1]["epoch"] if history else -1
     candidates = []
     if parts["ema"] is not None:
         candidates.append(("raw", parts["model"]))
     swa = parts["swa"]
     if swa is not None and int(swa.n_averaged) > 0:
-        train_loader.sampler.set_epoch(cfg.train.epochs)  # one more augmented pass, seeded like an epoch
-        train_loader.sampler.set_size(0)  # at the size SWA is scored and predicted at, resumed or not
-        seed_everything(cfg.train.seed * 1_000_003 + fp.k * 1009 + cfg.train.epochs)
-        cl = cfg.train.channels_last
-
-        def inputs():
-            for x, *_ in train_loader:
-                x = parts["normalize"](x.to(device, non_blocking=True))
-                yield x.contiguous(memory_format=torch.channels_last) if cl else x
-
-        with torch.no_grad():
-            update_bn(inputs(), swa.module)
-        candidates.append(("swa", swa.module))
+        candidates.append(("swa", swa_model(parts, cfg, fp, train_loader, device)))
     for name, model in candidates:
         logits, order, ok = infer_logits(model, val_loader, device, parts["normalize"], amp=parts["amp"],
                                          channels_last=cfg.train.channels_last)
@@ -687,6 +688,54 @@ def final_candidates(
             atomic_torch_save({"model": model.state_dict(), "epoch": last_epoch, "weights": name,
                                "config": cfg.to_dict(), "classes": classes, "val_log_loss": s["log_loss"]}, fp.best)
     return best
+
+
+def swa_model(parts: dict, cfg: Config, fp: FoldPaths, train_loader: DataLoader, device: torch.device) -> nn.Module:
+    """The SWA average with its BatchNorm statistics recomputed on one more augmented pass over the training photos
+    (at the size it is scored and predicted at)."""
+    from torch.optim.swa_utils import update_bn
+
+    swa = parts["swa"]
+    train_loader.sampler.set_epoch(cfg.train.epochs)  # one more augmented pass, seeded like an epoch
+    train_loader.sampler.set_size(0)  # at the size SWA is scored and predicted at, resumed or not
+    seed_everything(cfg.train.seed * 1_000_003 + fp.k * 1009 + cfg.train.epochs)
+    cl = cfg.train.channels_last
+
+    def inputs():
+        for x, *_ in train_loader:
+            x = parts["normalize"](x.to(device, non_blocking=True))
+            yield x.contiguous(memory_format=torch.channels_last) if cl else x
+
+    with torch.no_grad():
+        update_bn(inputs(), swa.module)
+    return swa.module
+
+
+def finish_full(
+    parts: dict, cfg: Config, fp: FoldPaths, train_loader: DataLoader, history: list[dict], plan: dict,
+    classes: list[str], n_train: int, device: torch.device, log: Callable[[str], None],
+) -> dict:
+    """The full-data fit's ``best.pt``: the weights kind the folds chose (SWA, EMA or raw) after the planned epochs;
+    then ``summary.json``, which marks the fit complete."""
+    weights = plan["weights"]
+    if weights == "swa" and parts["swa"] is not None and int(parts["swa"].n_averaged) > 0:
+        model = swa_model(parts, cfg, fp, train_loader, device)
+    elif weights == "ema" and parts["ema"] is not None:
+        model = parts["ema"].module
+    else:
+        model, weights = parts["model"], "raw"
+    last_epoch = history[-1]["epoch"] if history else -1
+    atomic_torch_save({"model": model.state_dict(), "epoch": last_epoch, "weights": weights, "config": cfg.to_dict(),
+                       "classes": classes, "val_log_loss": math.nan}, fp.best)
+    for row in history:
+        row["weights"], row["chosen"] = weights, "*" if row["epoch"] == last_epoch else ""
+    _write_metrics(fp.metrics, history)
+    summary = {"fold": "full", "epochs": plan["epochs"], "best_epoch": last_epoch, "best_weights": weights,
+               "eval_size": plan["eval_size"], "chosen_by": plan["source"], "fold_weights": plan["fold_weights"],
+               "n_train": n_train, "lr_effective": effective_lr(cfg), "versions": versions()}
+    atomic_write_text(fp.summary, json.dumps(summary, indent=1))  # last: marks the full-data fit complete
+    log(f"full-data fit: {n_train} photos, {plan['epochs']} epoch(s), {weights} weights saved to {fp.best}")
+    return summary
 
 
 def write_oof(
