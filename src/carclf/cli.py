@@ -51,8 +51,34 @@ def _calibrate(args: argparse.Namespace) -> None:
 def _predict(args: argparse.Namespace) -> None:
     from carclf.infer.predict import predict_run
 
-    path, _ = predict_run(args.run, args.data, args.output, overwrite=args.overwrite, device=args.device)
+    path, _ = predict_run(args.run, args.data, args.output, overwrite=args.overwrite, device=args.device,
+                          engine=args.engine)
     print(f"wrote {path}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from carclf.export.exporter import export_model
+
+    path = export_model(args.source, args.output, int8=args.int8, overwrite=args.overwrite,
+                        parity_photos=args.parity_photos, eval_photos=args.eval_photos)
+    print(f"wrote {path.parent} ({path.name} describes it; serve it with carclf serve {path.parent})")
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from carclf.serve.app import MiB, ServeSettings
+    from carclf.serve.server import serve
+
+    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_files=args.max_files,
+                             max_file_bytes=int(args.max_file_mb * MiB), max_pixels=args.max_pixels)
+    serve(args.source, host=args.host, port=args.port, workers=args.workers, api_key_env=args.api_key_env,
+          int8=args.int8, threads=args.threads, settings=settings)
+
+
+def _ensemble(args: argparse.Namespace) -> None:
+    from carclf.ensemble import build_ensemble
+
+    build_ensemble(args.members, args.output, overwrite=args.overwrite, cv_folds=args.cv_folds, cv=args.cv,
+                   nested_cv=args.nested, seed=args.seed, threads=args.threads)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -62,6 +88,12 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(format_table(rows, EVAL_COLUMNS))
     print("log_loss: as the submission is scored (its columns, clipped to predict.eps); log_loss_model: over the "
           "model's classes")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from carclf.analyze.report import write_report
+
+    print(f"report: {write_report(args.run, args.output, overwrite=args.overwrite, device=args.device)}")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -96,17 +128,67 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("run", help="run directory, e.g. runs/lite0")
     c.set_defaults(func=_calibrate)
 
-    pr = sub.add_parser("predict", help="write a submission from every fold of a run")
-    pr.add_argument("run")
+    pr = sub.add_parser("predict", help="write a submission from every fold of a run, or from an ensemble")
+    pr.add_argument("run", help="run directory, ensemble folder or export folder")
     pr.add_argument("--data", required=True, help="data root holding test.csv, test/ and sample_submission.csv")
     pr.add_argument("-o", "--output", default="submission.csv")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     pr.add_argument("--device", default="auto")
+    pr.add_argument("--engine", choices=["torch", "onnx"], default="torch",
+                    help="onnx: ONNX Runtime (a run is exported to a temporary folder first; an export dir as is)")
     pr.set_defaults(func=_predict)
 
+    ex = sub.add_parser("export", help="ONNX graphs of every fold engine (TTA inside), parity-checked, optional int8")
+    ex.add_argument("source", help="run directory")
+    ex.add_argument("-o", "--output", required=True, help="export folder (export.yaml + one .onnx per engine)")
+    ex.add_argument("--int8", nargs="?", const="static", choices=["static", "dynamic"],
+                    help="also write int8 graphs (static: calibrated on training photos; the default) and print their "
+                    "change in OOF log loss and accuracy")
+    ex.add_argument("--overwrite", action="store_true", help="replace an earlier export in -o (only what it wrote)")
+    ex.add_argument("--parity-photos", type=int, default=8, help="OOF photos for the PyTorch/ONNX parity check")
+    ex.add_argument("--eval-photos", type=int, default=256, help="OOF photos per fold scoring the int8 graphs")
+    ex.set_defaults(func=_export)
+
+    sv = sub.add_parser("serve", help="HTTP API + upload page for a run or an export (FastAPI + uvicorn)")
+    sv.add_argument("source", help="export folder (ONNX Runtime) or run directory (PyTorch)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--workers", type=int, default=1, help="processes (each loads the model; cores shared out)")
+    sv.add_argument("--api-key-env", metavar="VAR", help="require header X-API-Key equal to environment variable VAR")
+    sv.add_argument("--int8", action="store_true", help="serve the export's int8 graphs")
+    sv.add_argument("--threads", type=int, help="inference threads per worker (default: physical cores / workers)")
+    sv.add_argument("--max-batch", type=int, default=16, help="photos per micro-batch")
+    sv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a micro-batch waits for more photos")
+    sv.add_argument("--max-files", type=int, default=16, help="photos per request")
+    sv.add_argument("--max-file-mb", type=float, default=10.0, help="size limit per photo")
+    sv.add_argument("--max-pixels", type=int, default=40_000_000, help="width x height limit per photo")
+    sv.set_defaults(func=_serve)
+
+    en = sub.add_parser("ensemble", help="combine runs (or some of their folds) into an ensemble chosen on "
+                        "cross-validated out-of-fold log loss: weights, space, TTA, calibration, clipping")
+    en.add_argument("members", nargs="+", metavar="RUN", help="run directory, or RUN:FOLDS (e.g. runs/a:0,2)")
+    en.add_argument("-o", "--output", required=True, help="ensemble folder (ensemble.yaml, oof.npz)")
+    en.add_argument("--overwrite", action="store_true", help="replace an earlier ensemble in -o (only its files)")
+    en.add_argument("--cv-folds", type=int, default=5, help="parts of the OOF rows for cross-validating each choice")
+    en.add_argument("--cv", choices=["grouped", "stratified"], default="grouped",
+                    help="grouped: by the first member's training folds (default); stratified: by class")
+    en.add_argument("--nested", action="store_true",
+                    help="also cross-validate the whole selection (every stage re-chosen per part; ~K times slower)")
+    en.add_argument("--seed", type=int, default=0, help="seed of the stratified parts")
+    en.add_argument("--threads", type=int, default=1, help="BLAS threads for the fits")
+    en.set_defaults(func=_ensemble)
+
     e = sub.add_parser("evaluate", help="out-of-fold log loss, accuracy, top-5 and ECE per fold and overall")
-    e.add_argument("run")
+    e.add_argument("run", help="run directory or ensemble folder")
     e.set_defaults(func=_evaluate)
+
+    r = sub.add_parser("report", help="error analysis from out-of-fold predictions: report.html, confusable groups, "
+                       "likely label errors")
+    r.add_argument("run", help="run directory or ensemble folder")
+    r.add_argument("-o", "--output", help="report folder (default: RUN/report)")
+    r.add_argument("--overwrite", action="store_true", help="replace an earlier report in that folder")
+    r.add_argument("--device", default="auto", help="for features of runs that predate stored features")
+    r.set_defaults(func=_report)
 
     d = sub.add_parser("demo", help="generate synthetic car photos and run train -> calibrate -> predict -> evaluate")
     d.add_argument("--out", default="runs/demo", help="folder for the demo's data and run")

@@ -9,13 +9,14 @@ import numpy as np
 
 from carclf.data.scan import read_sample_columns, scan_test
 from carclf.errors import CarclfError
+from carclf.infer.onnx_engine import is_export_dir, open_predictor
 from carclf.infer.predictor import Predictor
 from carclf.infer.submission import align_columns, write_submission
 
 
 def predict_run(
     run_dir: Path | str, data_root: Path | str, out: Path | str, overwrite: bool = False, device: str = "auto",
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = print, engine: str = "torch",
 ) -> tuple[Path, list[str]]:
     """Write the submission; return its path and the test photos that could not be decoded (filled with the prior)."""
     data_root = Path(data_root)
@@ -31,14 +32,11 @@ def predict_run(
             f"{' ...' if len(missing) > 5 else ''}. Check --data and the img_path column."
         )
     columns = read_sample_columns(data_root / "sample_submission.csv")
-    predictor = Predictor(run_dir, device=device)
-    log(
-        f"predicting {len(test.ids)} photos with {len(predictor.models)} fold(s) {predictor.folds}, "
-        f"TTA views {','.join(predictor.views)}, "
-        f"temperatures {', '.join(f'{t:.3f}' for t in predictor.temperatures)}"
-        + ("" if predictor.calibrated else " (not calibrated: run carclf calibrate first for better log loss)")
-        + (" (some folds not calibrated: run carclf calibrate again)" if predictor.partly_calibrated else "")
-    )
+    if engine == "torch" and not is_export_dir(run_dir):
+        predictor = Predictor(run_dir, device=device)
+    else:  # ONNX Runtime: an export directory, or the run exported on the fly
+        predictor = open_predictor(run_dir, engine="onnx", device=device, log=log)
+    log(f"predicting {len(test.ids)} photos with {predictor.describe()}")  # a run's folds or an ensemble's members
     if predictor.incomplete:
         log(f"fold(s) {', '.join(map(str, predictor.incomplete))} not complete: predicting with the finished ones")
     # Check the columns before the slow part too; write_submission checks again on the real matrix.
@@ -49,6 +47,6 @@ def predict_run(
         for p in bad[:10]:
             log(f"  {p}")
     path = write_submission(
-        out, test.ids, probs, predictor.output_classes, columns, predictor.cfg.predict.eps, overwrite
+        out, test.ids, probs, predictor.output_classes, columns, predictor.eps, overwrite
     )
     return path, bad

@@ -1,0 +1,275 @@
+"""ONNX Runtime engines for the :class:`~carclf.infer.predictor.Predictor`, and the Predictor rebuilt from an export
+directory alone (``carclf export`` writes it; no torch checkpoint is read).
+
+An exported engine is one graph per fold: uint8 NCHW pixels (the eval transform's output) -> normalisation -> every
+TTA view -> the fold's network -> logits averaged over the views, exactly what :class:`TorchFold` computes. Decoding
+and the timm eval transform stay in Python, and everything after the engines' logits is the Predictor's own numpy
+code, so PyTorch and ONNX Runtime give the same probabilities (to the parity figure stored in ``export.yaml``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from carclf.errors import CarclfError
+
+EXPORT_FILE = "export.yaml"
+EXPORT_MARKER = ".carclf-export"
+EXPORT_FORMAT = 1
+PARITY_TOLERANCE = 1e-4  # max |p_onnx - p_torch| of calibrated probabilities an fp32 export must stay below
+PRECISIONS = ("fp32", "int8")
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (SMT siblings share one core's vector units, so ONNX Runtime gains
+    nothing from a thread per sibling)."""
+    try:
+        allowed = os.sched_getaffinity(0)
+    except AttributeError:  # macOS, Windows
+        return max(1, (os.cpu_count() or 2) // 2)
+    cores = set()
+    for cpu in allowed:
+        try:
+            cores.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
+
+
+def session_options(threads: int | None = None):
+    """ONNX Runtime session options: ``threads`` intra-op threads (default: the physical cores), one inter-op
+    thread, sequential execution, every graph optimisation."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or physical_cores()
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3  # warnings about unused initialisers etc. are noise to a user
+    return so
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class OnnxFold:
+    """One exported fold engine in ONNX Runtime, with :class:`~carclf.infer.predictor.TorchFold`'s interface:
+    :meth:`logits` of a uint8 NCHW batch -> float64 (batch, classes), averaged over ``views`` inside the graph."""
+
+    engine = "onnx"
+
+    def __init__(self, path: Path | str, dcfg: dict[str, Any], views: list[str], threads: int | None = None,
+                 precision: str = "fp32") -> None:
+        import onnxruntime as ort
+
+        self.path, self.dcfg, self.views, self.precision = Path(path), dcfg, list(views), precision
+        try:
+            self.session = ort.InferenceSession(str(self.path), session_options(threads),
+                                                providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+            raise CarclfError(f"ONNX Runtime cannot load '{self.path}': {exc}. Export it again with carclf "
+                              "export.") from exc
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+
+    def logits(self, x) -> np.ndarray:
+        """Float64 logits (batch, classes) of a uint8 NCHW batch (a torch tensor or a numpy array)."""
+        a = x.numpy() if hasattr(x, "numpy") else np.asarray(x)
+        if a.dtype != np.uint8:
+            raise TypeError(f"OnnxFold takes uint8 pixels (the eval transform's output), got {a.dtype}")
+        out = self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(a)})[0]
+        return out.astype(np.float64)
+
+    def __repr__(self) -> str:
+        return f"OnnxFold('{self.path.name}', {self.precision}, views={','.join(self.views)})"
+
+
+# ---------------------------------------------------------------------------------------------------- export.yaml
+def export_yaml(export_dir: Path | str) -> Path:
+    return Path(export_dir) / EXPORT_FILE
+
+
+def is_export_dir(path: Path | str) -> bool:
+    return export_yaml(path).is_file()
+
+
+def read_export(export_dir: Path | str) -> dict[str, Any]:
+    """The export's description, checked for the fields the loader needs."""
+    path = export_yaml(export_dir)
+    if not path.is_file():
+        raise CarclfError(f"'{export_dir}' is not an export directory (no {EXPORT_FILE}): run carclf export first")
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise CarclfError(f"'{path}' is not readable YAML ({exc}): export the model again") from None
+    needed = ("format", "engines", "classes", "merge", "config")
+    missing = [k for k in needed if not isinstance(doc, dict) or k not in doc]
+    if missing:
+        raise CarclfError(f"'{path}' lacks {', '.join(missing)}: it was not written by carclf export")
+    if doc["format"] > EXPORT_FORMAT:
+        raise CarclfError(f"'{path}' has export format {doc['format']}, newer than this carclf reads "
+                          f"({EXPORT_FORMAT}): upgrade carclf")
+    return doc
+
+
+def model_version(export_dir: Path | str) -> str:
+    """A short, stable identifier of the exported model: the first 12 hex digits of export.yaml's SHA-256 (it holds
+    every graph's checksum, the temperatures and the preprocessing)."""
+    return file_sha256(export_yaml(export_dir))[:12]
+
+
+def dcfg_from_yaml(d: dict[str, Any]) -> dict[str, Any]:
+    """A timm data config as stored in export.yaml (lists) -> the tuples timm uses."""
+    out = dict(d)
+    for key in ("input_size", "mean", "std"):
+        out[key] = tuple(out[key])
+    return out
+
+
+def dcfg_to_yaml(dcfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple | list) else v) for k, v in dcfg.items()}
+
+
+def engine_file(export_dir: Path, entry: dict[str, Any], precision: str, verify: bool = True) -> Path:
+    """The graph of one engine entry at ``precision``, its checksum verified."""
+    if precision not in PRECISIONS:
+        raise CarclfError(f"unknown precision {precision!r}: use fp32 or int8")
+    files = entry.get("files", {})
+    if precision not in files:
+        raise CarclfError(f"'{export_dir}' has no {precision} graph for engine {entry.get('name')}: "
+                          f"{'export with --int8' if precision == 'int8' else 'export it again'}")
+    f = files[precision]
+    path = export_dir / f["file"]
+    if not path.is_file():
+        raise CarclfError(f"'{path}' is missing: the export directory is incomplete; export it again")
+    if verify and file_sha256(path) != f["sha256"]:
+        raise CarclfError(f"'{path}' does not match the checksum in {EXPORT_FILE} (changed after export): export "
+                          "it again")
+    return path
+
+
+def load_engines(export_dir: Path | str, doc: dict[str, Any] | None = None, precision: str = "fp32",
+                 threads: int | None = None) -> list[OnnxFold]:
+    export_dir = Path(export_dir)
+    doc = doc or read_export(export_dir)
+    return [OnnxFold(engine_file(export_dir, e, precision), dcfg_from_yaml(e["data_config"]), e["views"], threads,
+                     precision) for e in doc["engines"]]
+
+
+def swap_engines(predictor, export_dir: Path | str, precision: str = "fp32", threads: int | None = None):
+    """Replace a torch Predictor's fold engines with the ONNX Runtime engines of ``export_dir`` (the export of the
+    same run or ensemble: same classes, engines in the same order with the same preprocessing and views)."""
+    doc = read_export(export_dir)
+    entries = doc["engines"]
+    if doc["classes"] != list(predictor.classes):
+        raise CarclfError(f"'{export_dir}' was exported from a model with other classes than '{predictor.run_dir}'")
+    if len(entries) != len(predictor.engines):
+        raise CarclfError(f"'{export_dir}' holds {len(entries)} engines, the predictor {len(predictor.engines)}: "
+                          "export this run again")
+    engines = load_engines(export_dir, doc, precision, threads)
+    for k, (old, new) in enumerate(zip(predictor.engines, engines, strict=True)):
+        if list(old.views) != new.views or dcfg_to_yaml(old.dcfg) != dcfg_to_yaml(new.dcfg):
+            raise CarclfError(f"engine {k} of '{export_dir}' has other views or preprocessing than the run's: "
+                              "export this run again")
+    predictor.engines = engines
+    return predictor
+
+
+# ------------------------------------------------------------------------------------------------- the predictor
+def _predictor_class():
+    from carclf.infer.predictor import Predictor
+
+    return Predictor
+
+
+def load_exported_predictor(export_dir: Path | str, precision: str = "fp32", threads: int | None = None):
+    """A Predictor rebuilt from ``export_dir`` alone: its preprocessing, classes, temperatures and post-processing
+    from export.yaml, ONNX Runtime sessions as its engines. Same methods (``predict``, ``predict_paths``,
+    ``predict_images``) and the same numpy code after the engines as the torch Predictor."""
+    import torch
+
+    from carclf.config import config_from_dict
+    from carclf.data.merges import MergeMap
+
+    export_dir = Path(export_dir)
+    doc = read_export(export_dir)
+    parity = doc.get("parity") or {}
+    if parity.get("passed") is False:
+        raise CarclfError(f"'{export_dir}' failed its parity check at export (max |dp| = {parity.get('max_abs_diff')}"
+                          f" > {parity.get('tolerance')}): it is not to be trusted; export it again")
+    Predictor = _predictor_class()
+    p = Predictor.__new__(Predictor)  # every attribute set below: no run directory, no checkpoint
+    p.export_dir = export_dir
+    p.run = None
+    p.run_dir = Path(doc["source"]["path"]) if doc.get("source") else export_dir
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p.cfg = config_from_dict(doc["config"], str(export_yaml(export_dir)))
+    p.classes = list(doc["classes"])
+    p.merge = MergeMap.from_dict(doc["merge"])
+    p.output_classes = p.merge.original
+    p.device = torch.device("cpu")
+    entries = doc["engines"]
+    p.folds = [e.get("fold") for e in entries]
+    p.incomplete = []
+    p.temperatures = [float(e["temperature"]) for e in entries]
+    p.eval_sizes = [int(e["eval_size"]) for e in entries]
+    p.data_configs = {}
+    for e in entries:
+        p.data_configs.setdefault(int(e["eval_size"]), dcfg_from_yaml(e["data_config"]))
+    p.amp = None
+    p.views = list(entries[0]["views"])
+    for key, value in (doc.get("predictor") or {}).items():  # further post-processing state (ensembles)
+        setattr(p, key, value)
+    p.engines = load_engines(export_dir, doc, precision, threads)
+    p.precision = precision
+    p.version = model_version(export_dir)
+    return p
+
+
+
+
+def open_predictor(source: Path | str, engine: str = "torch", device: str = "auto", precision: str = "fp32",
+                   threads: int | None = None, log=print):
+    """The Predictor for ``source`` on ``engine``: an export directory runs on ONNX Runtime; a run on PyTorch, or
+    with ``engine="onnx"`` on ONNX Runtime through a fresh export in a temporary folder (parity-checked)."""
+    import tempfile
+
+    if engine not in ("torch", "onnx"):
+        raise CarclfError(f"unknown engine {engine!r}: use torch or onnx")
+    if is_export_dir(source):
+        if engine == "torch":
+            raise CarclfError(f"'{source}' is an ONNX export: it runs on ONNX Runtime (--engine onnx), or give the "
+                              "run directory for PyTorch")
+        return load_exported_predictor(source, precision, threads)
+    if engine == "torch":
+        return _predictor_class()(source, device=device)
+    if precision != "fp32":
+        raise CarclfError(f"{precision} needs an export made with --int8: run carclf export first")
+    from carclf.export.exporter import export_model
+
+    with tempfile.TemporaryDirectory(prefix="carclf-onnx-") as tmp:
+        log(f"exporting '{source}' to ONNX in a temporary folder (carclf export keeps one for reuse)")
+        export_model(source, tmp, log=log)
+        # ONNX Runtime reads each graph when its session is made: the folder can go afterwards.
+        return load_exported_predictor(tmp, precision, threads)
+
+
+__all__ = [
+    "EXPORT_FILE", "EXPORT_MARKER", "OnnxFold", "PARITY_TOLERANCE", "is_export_dir", "load_engines",
+    "load_exported_predictor", "model_version", "open_predictor", "physical_cores", "read_export", "session_options",
+    "swap_engines",
+]

@@ -1,0 +1,253 @@
+"""ONNX export: graphs with the TTA views inside, parity with PyTorch, a Predictor rebuilt from the export alone,
+``predict --engine onnx``, int8 graphs, and the export directory's safety rules."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from carclf.errors import CarclfError
+from tests.conftest import tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run_dir(synth_data, tmp_path_factory) -> Path:
+    """A tiny calibrated run with two folds."""
+    from carclf.calibrate.temperature import calibrate_run
+    from carclf.config import load_config
+    from carclf.train.loop import train
+
+    out = tmp_path_factory.mktemp("export-runs")
+    run = train(load_config(None, tiny_overrides(synth_data, out, **{"train.folds": "all"})))
+    calibrate_run(run)
+    return Path(run)
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir, tmp_path_factory) -> Path:
+    """The run exported once, with static int8 graphs."""
+    from carclf.export.exporter import export_model
+
+    out = tmp_path_factory.mktemp("export") / "lite0"
+    lines: list[str] = []
+    export_model(run_dir, out, int8="static", log=lines.append)
+    assert any(line.startswith("parity on") for line in lines)
+    return out
+
+
+def _doc(export_dir: Path) -> dict:
+    return yaml.safe_load((export_dir / "export.yaml").read_text(encoding="utf-8"))
+
+
+def _test_photos(data: Path) -> list[Path]:
+    return sorted((data / "test").glob("*.jpg"))
+
+
+def test_views_inside_the_graph_match_pytorch(tmp_path):
+    """Every kind of TTA view (flip, zoom in and out, corner crops) is traced into the graph and agrees with
+    batch_logits; the batch axis is dynamic."""
+    import onnxruntime as ort
+
+    from carclf.data.transforms import batch_normalize
+    from carclf.export.exporter import EngineModule, export_graph
+    from carclf.models.forward import batch_logits
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 5)).eval()
+    dcfg = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "input_size": (3, 40, 56)}
+    views = ["orig", "flip", "zoom1.15", "zoom0.8+flip", "crop_tl", "crop_br+flip"]
+    path = tmp_path / "g.onnx"
+    export_graph(EngineModule(net, dcfg, views), 40, 56, path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert isinstance(session.get_inputs()[0].shape[0], str)  # symbolic batch axis
+    for n in (1, 5):
+        x = torch.randint(0, 256, (n, 3, 40, 56), dtype=torch.uint8)
+        with torch.no_grad():
+            ref = batch_logits(net, x, torch.device("cpu"), batch_normalize(dcfg), views).numpy()
+        got = session.run(None, {"pixels": x.numpy()})[0]
+        assert got.shape == (n, 5)
+        assert np.abs(got - ref).max() < 1e-4
+
+
+def test_export_writes_graphs_and_passes_parity(exported, run_dir):
+    from carclf.infer.onnx_engine import file_sha256
+    from carclf.rundir import RunDir
+
+    doc = _doc(exported)
+    run = RunDir.open(run_dir)
+    assert [e["fold"] for e in doc["engines"]] == run.completed_folds() == [0, 1]
+    assert doc["parity"]["passed"] is True
+    assert doc["parity"]["photos"] == "out-of-fold"
+    assert doc["parity"]["n"] > 0
+    assert doc["parity"]["max_abs_diff"] < 1e-4
+    for e in doc["engines"]:
+        assert e["temperature"] == pytest.approx(run.temperature(e["fold"]))
+        assert e["views"] == ["orig", "flip"]
+        assert e["data_config"]["input_size"] == [3, 64, 64]
+        for f in e["files"].values():
+            assert file_sha256(exported / f["file"]) == f["sha256"]
+    assert doc["classes"] == run.read_meta()["classes"]
+
+
+def test_rebuilt_predictor_needs_no_checkpoint(exported, run_dir, synth_data, tmp_path, monkeypatch):
+    """The export folder alone (moved elsewhere, torch.load forbidden) gives PyTorch's probabilities."""
+    from carclf.infer.onnx_engine import load_exported_predictor
+    from carclf.infer.predictor import Predictor
+
+    photos = _test_photos(synth_data)
+    torch_pred = Predictor(run_dir, device="cpu")
+    ref, _ = torch_pred.predict(photos, num_workers=0)
+    moved = tmp_path / "moved"
+    shutil.copytree(exported, moved)
+
+    def no_checkpoints(*args, **kwargs):
+        raise AssertionError("the export must not read a torch checkpoint")
+
+    monkeypatch.setattr(torch, "load", no_checkpoints)
+    onnx_pred = load_exported_predictor(moved)
+    assert all(e.engine == "onnx" for e in onnx_pred.engines)
+    got, bad = onnx_pred.predict(photos, num_workers=0)
+    assert bad == []
+    assert onnx_pred.output_classes == torch_pred.output_classes
+    assert onnx_pred.temperatures == pytest.approx(torch_pred.temperatures)
+    assert np.abs(got - ref).max() < 1e-4
+    # the same bytes through predict_images (the serving path) give the same rows
+    p_bytes, _ = onnx_pred.predict_images([photos[0].read_bytes()])
+    assert np.abs(p_bytes[0] - got[0]).max() < 1e-9
+
+
+def test_swap_engines_keeps_the_predictor(exported, run_dir, synth_data):
+    from carclf.infer.onnx_engine import swap_engines
+    from carclf.infer.predictor import Predictor
+
+    photos = _test_photos(synth_data)[:4]
+    predictor = Predictor(run_dir, device="cpu")
+    ref, _ = predictor.predict(photos, num_workers=0)
+    swap_engines(predictor, exported)
+    assert [e.engine for e in predictor.engines] == ["onnx", "onnx"]
+    got, _ = predictor.predict(photos, num_workers=0)
+    assert np.abs(got - ref).max() < 1e-4
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[str], np.ndarray]:
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        rows = list(csv.reader(fh))
+    return rows[0], [r[0] for r in rows[1:]], np.array([[float(v) for v in r[1:]] for r in rows[1:]])
+
+
+def _reuse_traced_graph(monkeypatch, exported: Path) -> None:
+    """Export without tracing again (10-20 s on 2 cores): the module's fold0 graph is copied and every engine gets
+    its own weights (retarget_graph), as a multi-fold export does; the parity check still compares each engine."""
+    from carclf.export import exporter
+
+    def copied(module, h, w, path):
+        shutil.copy(exported / "fold0.onnx", path)
+        return 20
+
+    monkeypatch.setattr(exporter, "export_graph", copied)
+
+
+def test_predict_engine_onnx_gives_the_same_submission(exported, run_dir, synth_data, tmp_path, capsys,
+                                                       monkeypatch):
+    from carclf.cli import main
+
+    _reuse_traced_graph(monkeypatch, exported)
+
+    torch_csv, onnx_csv, export_csv = tmp_path / "torch.csv", tmp_path / "onnx.csv", tmp_path / "export.csv"
+    assert main(["predict", str(run_dir), "--data", str(synth_data), "-o", str(torch_csv), "--device", "cpu"]) == 0
+    # a run with --engine onnx: exported on the fly into a temporary folder
+    assert main(["predict", str(run_dir), "--data", str(synth_data), "-o", str(onnx_csv), "--engine", "onnx"]) == 0
+    # an export directory: ONNX Runtime without --engine
+    assert main(["predict", str(exported), "--data", str(synth_data), "-o", str(export_csv)]) == 0
+    header, ids, ref = _read_csv(torch_csv)
+    for other in (onnx_csv, export_csv):
+        h2, ids2, got = _read_csv(other)
+        assert (h2, ids2) == (header, ids)
+        assert np.abs(got - ref).max() < 1e-4
+    assert "exporting" in capsys.readouterr().out
+
+
+def test_int8_graphs_are_quantised_and_scored(exported, synth_data):
+    import onnx
+
+    from carclf.infer.onnx_engine import load_exported_predictor
+
+    doc = _doc(exported)
+    assert doc["int8"]["mode"] == "static"
+    for row, e in zip(doc["int8"]["engines"], doc["engines"], strict=True):
+        assert row["n"] > 0
+        assert {"log_loss_fp32", "log_loss_int8", "accuracy_fp32", "accuracy_int8"} <= set(row)
+        ops = {n.op_type for n in onnx.load(str(exported / e["files"]["int8"]["file"])).graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+        assert "training photos" in e["files"]["int8"]["calibration"]
+    assert doc["int8"]["delta_log_loss"] == pytest.approx(doc["int8"]["log_loss_int8"] - doc["int8"]["log_loss_fp32"])
+    int8 = load_exported_predictor(exported, precision="int8")
+    fp32 = load_exported_predictor(exported)
+    photos = _test_photos(synth_data)[:6]
+    p8, _ = int8.predict(photos, num_workers=0)
+    p32, _ = fp32.predict(photos, num_workers=0)
+    assert np.allclose(p8.sum(axis=1), 1.0)
+    assert not np.array_equal(p8, p32)  # really another graph
+
+
+def test_changed_graph_is_refused(exported, tmp_path):
+    from carclf.infer.onnx_engine import load_exported_predictor
+
+    copy = tmp_path / "copy"
+    shutil.copytree(exported, copy)
+    with open(copy / "fold1.onnx", "r+b") as fh:
+        fh.seek(-8, 2)
+        fh.write(b"\x00" * 8)
+    with pytest.raises(CarclfError, match=r"fold1\.onnx.*checksum"):
+        load_exported_predictor(copy)
+
+
+def test_export_refuses_to_overwrite_what_it_did_not_write(exported, run_dir, tmp_path):
+    from carclf.export.exporter import export_model
+
+    with pytest.raises(CarclfError, match="--overwrite"):
+        export_model(run_dir, exported)
+    with pytest.raises(CarclfError, match="inside the run directory"):
+        export_model(run_dir, run_dir / "onnx")
+    copy = tmp_path / "copy"
+    shutil.copytree(exported, copy)
+    (copy / "notes.txt").write_text("mine")
+    with pytest.raises(CarclfError, match="notes.txt"):
+        export_model(run_dir, copy, overwrite=True)
+    assert (copy / "notes.txt").is_file()
+    assert (copy / "fold0.onnx").is_file()
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "a.onnx").write_text("not carclf's")
+    with pytest.raises(CarclfError, match="not made by carclf"):
+        export_model(run_dir, plain, overwrite=True)
+
+
+def test_parity_falls_back_to_synthetic_photos(exported, run_dir, tmp_path, monkeypatch):
+    """With the run's data gone the parity check runs on synthetic photos and says so (the graph is copied from
+    the module's export instead of traced again, to keep the test fast)."""
+    from carclf.export import exporter
+
+    run_copy = tmp_path / "run"
+    shutil.copytree(run_dir, run_copy)
+    cfg_path = run_copy / "config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
+    cfg["data"]["root"] = str(tmp_path / "gone")
+    cfg_path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+
+    _reuse_traced_graph(monkeypatch, exported)
+    lines: list[str] = []
+    exporter.export_model(run_copy, tmp_path / "exp", log=lines.append)
+    doc = _doc(tmp_path / "exp")
+    assert doc["parity"]["photos"] == "synthetic"
+    assert doc["parity"]["passed"]
+    assert any("synthetic" in line and "not on disk" in line for line in lines)

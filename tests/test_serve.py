@@ -1,0 +1,351 @@
+"""The HTTP service: every endpoint and every bad input through FastAPI's TestClient, micro-batching, bounded memory
+across bad requests, API keys, the CLI under real uvicorn, and the upload page in headless Chromium."""
+
+from __future__ import annotations
+
+import gc
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from carclf.errors import CarclfError
+from tests.conftest import tiny_overrides
+
+pytestmark = pytest.mark.slow
+KEY = "test-key-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def export_dir(synth_data, tmp_path_factory) -> Path:
+    """A tiny one-fold run, calibrated and exported once."""
+    from carclf.calibrate.temperature import calibrate_run
+    from carclf.config import load_config
+    from carclf.export.exporter import export_model
+    from carclf.train.loop import train
+
+    out = tmp_path_factory.mktemp("serve-runs")
+    run = train(load_config(None, tiny_overrides(synth_data, out)))
+    calibrate_run(run)
+    dest = tmp_path_factory.mktemp("serve-export") / "lite0"
+    export_model(run, dest, log=lambda _: None)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def predictor(export_dir):
+    from carclf.infer.onnx_engine import load_exported_predictor
+
+    return load_exported_predictor(export_dir)
+
+
+@pytest.fixture
+def client_for(predictor):
+    """``client_for(**settings)`` -> a started TestClient (lifespan run: warmed up, batcher running)."""
+    from fastapi.testclient import TestClient
+
+    from carclf.serve.app import ServeSettings, create_app
+
+    clients = []
+
+    def make(raise_server_exceptions: bool = True, **settings):
+        c = TestClient(create_app(predictor, ServeSettings(**settings)),
+                       raise_server_exceptions=raise_server_exceptions)
+        c.__enter__()
+        clients.append(c)
+        return c
+
+    yield make
+    for c in clients:
+        c.__exit__(None, None, None)
+
+
+def _photos(data: Path, n: int) -> list[Path]:
+    return sorted((data / "test").glob("*.jpg"))[:n]
+
+
+def _png(w: int, h: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (90, 120, 200)).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def test_endpoints(client_for, predictor):
+    c = client_for()
+    assert c.get("/healthz").json() == {"status": "ok"}
+    ready = c.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["status"] == "ready"
+    classes = c.get("/v1/classes").json()
+    assert classes["classes"] == predictor.output_classes
+    assert classes["version"] == ready.json()["version"] == predictor.version
+    model = c.get("/v1/model").json()
+    assert model["engine"] == "onnx"
+    assert model["auth"] is False
+    page = c.get("/")
+    assert page.status_code == 200
+    assert 'type="file"' in page.text
+    assert "http://" not in page.text.replace("http://www.w3.org", "")  # no CDN: everything inline
+    metrics = c.get("/metrics").text
+    assert 'carclf_http_requests_total{route="/healthz",status="200"} 1.0' in metrics
+    assert f'carclf_model_info{{engine="onnx",version="{predictor.version}"}} 1.0' in metrics
+    assert c.get("/nope").json()["error"] == "not_found"
+
+
+def test_predict_one_and_several(client_for, predictor, synth_data):
+    c = client_for()
+    photos = _photos(synth_data, 3)
+    datas = [p.read_bytes() for p in photos]
+    expected, _ = predictor.predict_images(datas)
+    r = c.post("/v1/predict", files=[("file", (photos[0].name, datas[0], "image/jpeg"))])
+    assert r.status_code == 200
+    body = r.json()
+    assert body["model"]["version"] == predictor.version
+    (pred,) = body["predictions"]
+    assert pred["filename"] == photos[0].name
+    top = pred["top"]
+    assert len(top) == 5
+    probs = [t["probability"] for t in top]
+    assert probs == sorted(probs, reverse=True)
+    order = np.argsort(-expected[0])[:5]
+    assert [t["class"] for t in top] == [predictor.output_classes[j] for j in order]
+    assert np.allclose(probs, expected[0][order], atol=1e-6)
+
+    r = c.post("/v1/predict?top_k=2", files=[("photos", (p.name, d, "image/jpeg")) for p, d in zip(photos, datas,
+                                                                                                  strict=True)])
+    assert r.status_code == 200
+    preds = r.json()["predictions"]
+    assert [p["filename"] for p in preds] == [p.name for p in photos]
+    for row, pred in zip(expected, preds, strict=True):
+        assert len(pred["top"]) == 2
+        assert pred["top"][0]["class"] == predictor.output_classes[int(np.argmax(row))]
+
+
+def _bad_requests(synth_data: Path) -> dict[str, tuple[dict, int, str]]:
+    """name -> (request kwargs, status, error code)."""
+    good = _photos(synth_data, 1)[0].read_bytes()
+    return {
+        "no file": ({"files": {"note": (None, "hello")}}, 400, "no_files"),
+        "not multipart": ({"content": b"{}", "headers": {"content-type": "application/json"}}, 415, "not_multipart"),
+        "empty body": ({}, 415, "not_multipart"),
+        "empty file": ({"files": [("file", ("e.jpg", b"", "image/jpeg"))]}, 400, "empty_file"),
+        "text file": ({"files": [("file", ("a.jpg", b"just some text, not a photo", "image/jpeg"))]}, 415,
+                      "not_an_image"),
+        "truncated": ({"files": [("file", ("t.jpg", good[: len(good) // 2], "image/jpeg"))]}, 422,
+                      "undecodable_image"),
+        "bomb": ({"files": [("file", ("bomb.png", _png(3000, 3000), "image/png"))]}, 413, "too_many_pixels"),
+        "too many files": ({"files": [("file", (f"{i}.jpg", good, "image/jpeg")) for i in range(5)]}, 413,
+                           "too_many_files"),
+        "file too large": ({"files": [("file", ("big.jpg", good + b"\0" * 300_000, "image/jpeg"))]}, 413,
+                           "file_too_large"),
+        "bad top_k": ({"params": {"top_k": 0}, "files": [("file", ("g.jpg", good, "image/jpeg"))]}, 422,
+                      "invalid_parameter"),
+        "top_k not a number": ({"params": {"top_k": "five"}, "files": [("file", ("g.jpg", good, "image/jpeg"))]},
+                               422, "invalid_parameter"),
+    }
+
+
+LIMITS = {"max_files": 4, "max_file_bytes": 250_000, "max_pixels": 4_000_000}
+
+
+def test_bad_inputs_are_4xx_json_and_the_service_lives_on(client_for, synth_data):
+    c = client_for(**LIMITS)
+    for name, (kwargs, status, code) in _bad_requests(synth_data).items():
+        r = c.post("/v1/predict", **kwargs)
+        assert r.status_code == status, (name, r.text)
+        body = r.json()
+        assert body["error"] == code, name
+        assert body["detail"], name
+    # the request as a whole over the limit (Content-Length): refused before it is read
+    big = c.post("/v1/predict", content=b"x" * (4 * 250_000 + (1 << 20) + 10),
+                 headers={"content-type": "multipart/form-data; boundary=x"})
+    assert big.status_code == 413
+    assert big.json()["error"] == "request_too_large"
+    # the truncated photo's error says which file and why
+    truncated = _bad_requests(synth_data)["truncated"][0]
+    body = c.post("/v1/predict", **truncated).json()
+    assert body["files"][0]["filename"] == "t.jpg"
+    assert "truncated" in body["files"][0]["detail"]
+    good = _photos(synth_data, 1)[0]
+    assert c.post("/v1/predict", files=[("file", (good.name, good.read_bytes(), "image/jpeg"))]).status_code == 200
+    assert c.get("/readyz").status_code == 200
+    metrics = c.get("/metrics").text
+    assert 'carclf_errors_total{code="too_many_pixels"}' in metrics
+
+
+def test_bad_requests_do_not_grow_memory(client_for, synth_data):
+    c = client_for(**LIMITS)
+    cases = list(_bad_requests(synth_data).values())
+    for kwargs, _, _ in cases * 2:  # warm up caches, metric label sets, the multipart parser
+        c.post("/v1/predict", **kwargs)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        sent = 0
+        for _ in range(15):
+            for kwargs, _, _ in cases:
+                c.post("/v1/predict", **kwargs)
+                sent += 1
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # the bad requests carried several MB in total; a leak of even one photo per request would exceed this
+    assert sent == 15 * len(cases)
+    assert grown < 1_500_000, f"memory grew by {grown:,} bytes over {sent} bad requests"
+
+
+def test_concurrent_requests_are_merged_into_batches(client_for, synth_data):
+    c = client_for(max_batch=8, max_wait_ms=300)
+    photos = [p.read_bytes() for p in _photos(synth_data, 8)]
+
+    def one(data: bytes) -> int:
+        return c.post("/v1/predict", files=[("file", ("p.jpg", data, "image/jpeg"))]).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(one, photos))
+    assert statuses == [200] * 8
+    sizes = c.app.state.metrics.batch_sizes
+    assert sum(sizes) == 8
+    assert max(sizes) >= 2, f"no request was merged with another: batch sizes {sizes}"
+    metrics = c.get("/metrics").text
+    assert f"carclf_batch_size_count {float(len(sizes))}" in metrics
+    assert "carclf_batch_size_sum 8.0" in metrics
+
+
+def test_a_failing_engine_is_a_500_json_and_the_next_request_works(client_for, predictor, synth_data, monkeypatch):
+    c = client_for(raise_server_exceptions=False)
+    good = _photos(synth_data, 1)[0].read_bytes()
+    files = [("file", ("g.jpg", good, "image/jpeg"))]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("engine exploded")
+
+    monkeypatch.setattr(predictor, "predict_images", broken)
+    r = c.post("/v1/predict", files=files)
+    assert r.status_code == 500
+    assert r.json() == {"error": "internal", "detail": "RuntimeError: engine exploded"}
+    monkeypatch.undo()
+    assert c.post("/v1/predict", files=files).status_code == 200
+    assert c.get("/readyz").status_code == 200
+
+
+def test_api_key(client_for, synth_data, monkeypatch):
+    from carclf.serve.server import api_key_from_env
+
+    c = client_for(api_key=KEY)
+    good = _photos(synth_data, 1)[0].read_bytes()
+    files = [("file", ("g.jpg", good, "image/jpeg"))]
+    assert c.post("/v1/predict", files=files).status_code == 401
+    r = c.post("/v1/predict", files=files, headers={"X-API-Key": "wrong"})
+    assert r.status_code == 401
+    assert r.json()["error"] == "unauthorized"
+    assert c.post("/v1/predict", files=files, headers={"X-API-Key": KEY}).status_code == 200
+    assert c.get("/v1/classes").status_code == 401
+    assert c.get("/healthz").status_code == 200  # probes stay open
+    monkeypatch.delenv("CARCLF_TEST_KEY", raising=False)
+    with pytest.raises(CarclfError, match="CARCLF_TEST_KEY"):
+        api_key_from_env("CARCLF_TEST_KEY")
+    monkeypatch.setenv("CARCLF_TEST_KEY", "short")
+    with pytest.raises(CarclfError, match="at least 16"):
+        api_key_from_env("CARCLF_TEST_KEY")
+    monkeypatch.setenv("CARCLF_TEST_KEY", KEY)
+    assert api_key_from_env("CARCLF_TEST_KEY") == KEY
+
+
+# ------------------------------------------------------------------------------------------- real uvicorn
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(export_dir, tmp_path_factory):
+    """``carclf serve EXPORT`` in its own process under uvicorn on a free loopback port; yields its base URL."""
+    import httpx
+
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve-log") / "serve.log"
+    env = {**os.environ, "CARCLF_TEST_SERVE_KEY": KEY}
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "carclf", "serve", str(export_dir), "--port", str(port),
+                                 "--max-wait-ms", "2"], stdout=fh, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"carclf serve exited with {proc.returncode}: {log.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"carclf serve not ready after 180 s: {log.read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_cli_serves_under_uvicorn(server, synth_data, predictor):
+    import httpx
+
+    photo = _photos(synth_data, 1)[0]
+    r = httpx.post(f"{server}/v1/predict", files=[("file", (photo.name, photo.read_bytes(), "image/jpeg"))],
+                   timeout=60)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["model"]["version"] == predictor.version
+    assert len(body["predictions"][0]["top"]) == 5
+    assert httpx.get(f"{server}/metrics", timeout=10).text.count("carclf_photos_predicted_total") >= 1
+
+
+def test_cli_serve_refuses_a_missing_api_key(export_dir, capsys, monkeypatch):
+    from carclf.cli import main
+
+    monkeypatch.delenv("CARCLF_NO_SUCH_KEY", raising=False)
+    assert main(["serve", str(export_dir), "--api-key-env", "CARCLF_NO_SUCH_KEY"]) == 2
+    assert "CARCLF_NO_SUCH_KEY" in capsys.readouterr().err
+
+
+def test_upload_page_shows_the_top5_bars(server, synth_data, tmp_path):
+    from tests.browser import chromium_page
+
+    photo = _photos(synth_data, 1)[0]
+    with chromium_page() as (page, errors):
+        page.goto(f"{server}/")
+        page.set_input_files("#file", str(photo))
+        page.wait_for_selector("#rows .row:nth-child(5)", timeout=60_000)
+        page.wait_for_function("document.querySelector('#rows .fill').style.width !== ''", timeout=10_000)
+        names = page.locator("#rows .name").all_inner_texts()
+        widths = page.eval_on_selector_all("#rows .fill", "els => els.map(e => parseFloat(e.style.width))")
+        status = page.inner_text("#status")
+        assert page.eval_on_selector("#preview", "img => img.naturalWidth") > 0
+        page.screenshot(path=str(tmp_path / "upload-page.png"), full_page=True)
+        if os.environ.get("CARCLF_SCREENSHOT_DIR"):  # keep a copy to look at
+            page.screenshot(path=str(Path(os.environ["CARCLF_SCREENSHOT_DIR"]) / "upload-page.png"), full_page=True)
+    assert len(names) == 5
+    assert all(n.strip() for n in names)
+    assert widths == sorted(widths, reverse=True)
+    assert widths[0] > 0
+    assert photo.name in status
+    assert errors == []
+    assert (tmp_path / "upload-page.png").stat().st_size > 10_000
