@@ -112,6 +112,7 @@ class PredictConfig:
     #                    auto: hflip if tta_hflip else none. An ensemble's own policy overrides it.
     oof_views: str = "hflip+multiscale"  # views whose out-of-fold logits each fold keeps (the ensemble step
     #                    measures every TTA policy on them); the policy's own views are always kept
+    full: str = "beside"  # the full-data fit (train.folds=full), where present: beside the folds | instead | off
     oof_features: bool = True  # keep the penultimate features of the out-of-fold photos (the report's map)
     eps: float = 1e-6  # probabilities are clipped to [eps, 1-eps] and renormalised
     batch_size: int = 64
@@ -303,6 +304,7 @@ def validate(cfg: Config) -> None:
         (0 < cfg.train.ema_decay < 1, "train.ema_decay must be in (0, 1)"),
         (cfg.train.amp in {"auto", "bf16", "fp16", "off"}, "train.amp must be one of auto, bf16, fp16, off"),
         (0 < cfg.predict.eps < 0.01, "predict.eps must be in (0, 0.01)"),
+        (cfg.predict.full in {"beside", "instead", "off"}, "predict.full must be beside, instead or off"),
         (cfg.data.empty_class in {"error", "drop"}, "data.empty_class must be 'error' or 'drop'"),
         (0 < cfg.data.dropped_class_prob < 0.01, "data.dropped_class_prob must be in (0, 0.01)"),
         (cfg.train.lr_base_size >= 0, "train.lr_base_size must be 0 (no scaling) or a batch size"),

@@ -24,7 +24,14 @@ def evaluate_run(run_dir: Path | str, log: Callable[[str], None] = print) -> lis
     scored: expanded to the submission's columns (merged classes shared out, dropped classes at their fixed
     probability), clipped to ``predict.eps`` and renormalised, against each photo's own folder label. That is the
     figure to trust. ``log_loss_model`` is the calibrated log loss over the model's own classes (comparable with
-    ``val_log_loss`` in metrics.csv); accuracy, top-5 and ECE are over the model's classes too."""
+    ``val_log_loss`` in metrics.csv); accuracy, top-5 and ECE are over the model's classes too.
+
+    An ensemble folder (ensemble.yaml) is scored from its cross-validated out-of-fold probabilities, over the
+    submission's classes (:func:`carclf.ensemble.evaluate_ensemble`)."""
+    if (Path(run_dir) / "ensemble.yaml").is_file():
+        from carclf.ensemble import evaluate_ensemble
+
+        return evaluate_ensemble(run_dir, log)
     rd = RunDir.open(run_dir)
     cfg = rd.read_config()
     meta = rd.read_meta()

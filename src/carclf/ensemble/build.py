@@ -1,0 +1,297 @@
+"""``carclf ensemble``: members' out-of-fold logits -> candidates scored by cross-validation -> ensemble.yaml."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from carclf.ensemble.fit import (
+    CALIBRATIONS,
+    EPS_GRID,
+    Problem,
+    Recipe,
+    Selector,
+    fit,
+    make_splits,
+    nested,
+)
+from carclf.ensemble.members import Member, align, check_classes, load_member, member_names, parse_member
+from carclf.ensemble.spec import (
+    CALIBRATION_FILE,
+    ENSEMBLE_FILE,
+    FORMAT,
+    KIND,
+    KNOWN,
+    OOF_FILE,
+    read_ensemble,
+    relative_run,
+)
+from carclf.errors import CarclfError
+from carclf.io import atomic_savez, atomic_write, atomic_write_text
+
+
+def _check_out(out: Path, overwrite: bool, members: list[Member]) -> None:
+    """Refuse an output folder that holds anything but an earlier carclf ensemble (and that only with --overwrite);
+    never one inside a member's run, or one holding a member's run."""
+    if out.exists() and not out.is_dir():
+        raise CarclfError(f"-o '{out}' exists and is not a folder: choose another -o")
+    o = out.resolve()
+    for m in members:
+        r = m.run.path.resolve()
+        if o == r or r in o.parents or o in r.parents:
+            raise CarclfError(f"-o '{out}' overlaps member {m.name}'s run '{m.run.path}': write the ensemble to a "
+                              "folder of its own, e.g. runs/ensembles/<name>")
+    if not (out.is_dir() and any(out.iterdir())):
+        return
+    if not overwrite:
+        raise CarclfError(f"'{out}' already exists and is not empty: pass --overwrite to replace an earlier ensemble "
+                          "there, or choose another -o")
+    try:
+        read_ensemble(out)
+    except CarclfError as exc:
+        raise CarclfError(f"--overwrite: '{out}' does not hold an ensemble made by carclf ({exc}), so nothing there "
+                          "is deleted. Choose another -o, or move the folder yourself.") from None
+    unknown = [p.name for p in out.iterdir() if p.name not in KNOWN and not _is_temp(p.name)]
+    if unknown:
+        raise CarclfError(f"--overwrite: '{out}' holds things carclf ensemble did not write ({', '.join(unknown[:5])})"
+                          ", so nothing was deleted. Move them out first, or choose another -o.")
+
+
+def _is_temp(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def _clear(out: Path) -> None:
+    import shutil
+
+    for p in out.iterdir():
+        if p.name in KNOWN or _is_temp(p.name):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def load_problem(specs: list[str], cv_groups_from: int = 0, log: Callable[[str], None] = print
+                 ) -> tuple[list[Member], Problem, Any, list[str]]:
+    """Load and align the members; the fitting problem over the photos every member saw."""
+    parsed = [parse_member(s) for s in specs]
+    names = member_names(parsed)
+    members = [load_member(p, n, log) for p, n in zip(parsed, names, strict=True)]
+    classes = check_classes(members)
+    models = {tuple(m.classes) for m in members}
+    if len(models) > 1:
+        log("members have different model classes (merges or dropped classes): "
+            + "; ".join(f"{m.name} {len(m.classes)}" for m in members)
+            + f"; each is shared out over the submission's {len(classes)} columns before they are combined")
+    al = align(members)
+    for note in al.notes:
+        log(note)
+    logits = []
+    for m, idx in zip(members, al.index, strict=True):
+        logits.append({name: m.policy_logits(views)[idx] for name, views in m.policies().items()})
+    prob = Problem(
+        names=names, labels=al.labels, groups=al.folds, merges=[m.merge for m in members],
+        model_labels=[m.labels[idx] for m, idx in zip(members, al.index, strict=True)], logits=logits,
+    )
+    return members, prob, al, classes
+
+
+def _variant(recipe: Recipe, base: tuple[str, ...], tta: bool, cal: bool) -> Recipe:
+    r = recipe if tta else replace(recipe, policies=base)
+    return r if cal else replace(r, member_temperature=False, calibration="none")
+
+
+def build_ensemble(
+    specs: list[str], out: Path | str, overwrite: bool = False, cv_folds: int = 5, cv: str = "grouped",
+    nested_cv: bool = False, seed: int = 0, threads: int = 1, calibrations: tuple[str, ...] = CALIBRATIONS,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Choose and fit an ensemble of ``specs`` (runs, or ``run:folds``) on their out-of-fold logits; write
+    ``out/ensemble.yaml``; return its content."""
+    from threadpoolctl import threadpool_limits
+
+    if cv not in ("grouped", "stratified"):
+        raise CarclfError(f"--cv {cv!r}: use grouped (by the runs' own folds) or stratified")
+    if cv_folds < 2:
+        raise CarclfError(f"--cv-folds {cv_folds}: cross-validation needs at least 2 parts")
+    start = time.perf_counter()
+    out = Path(out)
+    members, prob, al, classes = load_problem(specs, log=log)
+    _check_out(out, overwrite, members)  # before the slow part
+    rows = np.arange(len(prob))
+    splits = make_splits(prob, rows, cv_folds, cv, seed)
+    grouped = cv == "grouped" and len(np.unique(prob.groups)) >= 2
+    cv_text = (f"{len(splits)} parts grouped by {members[0].name}'s training folds" if grouped
+               else f"{len(splits)} stratified parts (seed {seed})")
+    log(f"{len(prob)} out-of-fold photos seen by every member ({', '.join(f'{m.name} {len(m.paths)}' for m in members)}"
+        f"); every figure is cross-validated over them: {cv_text}")
+    # BLAS threads beyond one only fight each other (and whatever else runs) on these small matrices.
+    with threadpool_limits(threads):
+        sel = Selector(prob, splits, log, calibrations)
+        chosen = sel.select()
+        base = tuple(next(iter(prob.logits[m])) for m in range(prob.n_members))
+        singles = [c for c in sel.candidates if c.stage == "combination" and c.recipe.method.startswith("single:")]
+        best_single = min(singles, key=lambda c: c.loss).recipe
+        equal = replace(chosen, method="equal", space="prob")
+        cal_single = replace(best_single, calibration=chosen.calibration, eps=chosen.eps)
+        figures: dict[str, dict[str, float]] = {}
+        for key, rec in (("best_single", cal_single), ("equal_prob", equal), ("chosen", chosen)):
+            figures[key] = {}
+            for label, tta, cal in (("plain", False, False), ("tta", True, False), ("calibrated", False, True),
+                                    ("tta+calibrated", True, True)):
+                figures[key][label] = sel.score(_variant(rec, base, tta, cal)).loss
+        figures["best_single"]["member"] = prob.names[int(best_single.method.split(":")[1])]
+        nested_doc = None
+        if nested_cv:
+            log("nested cross-validation of the whole selection (every stage re-chosen inside each part) ...")
+            loss, picked = nested(prob, splits, max(2, cv_folds - 1), cv, seed, calibrations)
+            nested_doc = {"log_loss": loss, "picked": [r.label(prob.names) for r in picked]}
+            log(f"nested CV log loss of the selection procedure: {loss:.4f}")
+        final = fit(chosen, prob, rows)
+        result = sel.score(chosen)
+        raw = sel.score(_variant(chosen, chosen.policies, True, False))
+    seconds = time.perf_counter() - start
+
+    table = [{"stage": c.stage, "candidate": c.recipe.label(prob.names), "cv_log_loss": round(float(c.loss), 6),
+              "chosen": c.chosen} for c in sel.candidates]
+    doc = _document(members, al, prob, classes, chosen, final, out, table, figures, nested_doc, cv_text, cv_folds,
+                    cv, seed, seconds)
+    if out.is_dir() and any(out.iterdir()):
+        _clear(out)  # checked above: only an earlier ensemble's own files
+    out.mkdir(parents=True, exist_ok=True)
+    cal = doc["calibration"]
+    if final.calibration["kind"] in ("vector", "matrix"):
+        arrays = {k: v for k, v in final.calibration.items() if isinstance(v, np.ndarray)}
+        atomic_savez(out / CALIBRATION_FILE, **arrays)
+        from carclf.ensemble.members import sha256
+
+        cal.update(file=CALIBRATION_FILE, sha256=sha256(out / CALIBRATION_FILE))
+    feats = members[0].features[al.index[0]] if members[0].features is not None else None
+    atomic_savez(out / OOF_FILE, paths=al.paths.astype(str), labels=prob.labels, folds=prob.groups,
+                 probs=result.probs, probs_raw=raw.probs,
+                 **({"features": feats.astype(np.float16)} if feats is not None else {}))
+    atomic_write(out / ENSEMBLE_FILE, lambda fh: yaml.safe_dump(doc, fh, allow_unicode=True, sort_keys=False,
+                                                                   width=120), "w", encoding="utf-8")
+    log(format_candidates(table))
+    log(format_figures(figures, nested_doc))
+    log(f"wrote {out / ENSEMBLE_FILE} ({seconds:.1f} s)")
+    return doc
+
+
+def _document(members, al, prob, classes, chosen, final, out, table, figures, nested_doc, cv_text, cv_folds, cv,
+              seed, seconds) -> dict[str, Any]:
+    from carclf import __version__
+
+    mdocs = []
+    for i, m in enumerate(members):
+        policy = chosen.policies[i]
+        mdocs.append({
+            "name": m.name, "run": relative_run(out, m.run.path), "run_abs": str(m.run.path.resolve()),
+            "folds": [int(k) for k in m.folds],
+            "best_sha256": {int(k): v for k, v in m.checksums.items()},
+            "eval_sizes": {int(k): int(v) for k, v in m.eval_sizes.items()},
+            "weight": float(final.weights[i]),
+            "temperature": float(final.temperatures[i]),
+            "tta": policy, "views": list(m.policies()[policy]),
+            "model_classes": len(m.classes), "merged_groups": m.merge.groups,
+            "oof_log_loss": None if final.member_loss[i] is None else float(final.member_loss[i]),
+        })
+    cal = {k: (float(v) if isinstance(v, float | np.floating) else v) for k, v in final.calibration.items()
+           if not isinstance(v, np.ndarray)}
+    return {
+        "kind": KIND, "format": FORMAT,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "carclf": __version__,
+        "classes": list(classes),
+        "space": chosen.space,
+        "eps": float(final.eps),
+        "calibration": cal,
+        "members": mdocs,
+        "chosen": chosen.label(prob.names),
+        "recipe": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(chosen).items()},
+        "weights_note": "members' probabilities are shared out over the submission's columns (each member's merge "
+                        "map) before the weights apply; logit space averages their log-probabilities there",
+        "selection": {
+            "rows": int(len(prob)), "rows_per_member": {m.name: int(len(m.paths)) for m in members},
+            "cv": cv_text, "cv_folds": int(cv_folds), "cv_mode": cv, "seed": int(seed), "notes": al.notes,
+            "eps_grid": list(EPS_GRID), "seconds": round(seconds, 1),
+            "honesty": "each figure: fitted on K-1 parts of the OOF rows, scored on the held-out part; the choice "
+                       "among candidates is made on those figures (see 'nested' for a figure that re-makes it)",
+            "nested": nested_doc,
+        },
+        "figures": figures,
+        "candidates": table,
+    }
+
+
+def format_candidates(table: list[dict]) -> str:
+    width = max(len(r["candidate"]) for r in table)
+    stage_w = max(len(r["stage"]) for r in table)
+    lines = [f"  {'stage'.ljust(stage_w)}  {'candidate'.ljust(width)}  cv log loss"]
+    for r in table:
+        mark = "*" if r["chosen"] else " "
+        lines.append(f"{mark} {r['stage'].ljust(stage_w)}  {r['candidate'].ljust(width)}  {r['cv_log_loss']:.4f}")
+    lines.append("* chosen at its stage (a costlier candidate is kept only if it wins by more than one standard error "
+                 "of the per-photo differences); every figure is scored on OOF rows its fit did not see")
+    return "\n".join(lines)
+
+
+def format_figures(figures: dict, nested_doc: dict | None) -> str:
+    cols = ["plain", "tta", "calibrated", "tta+calibrated"]
+    lines = ["cross-validated OOF log loss    " + "  ".join(c.rjust(14) for c in cols)]
+    for key, label in (("best_single", f"best single ({figures['best_single']['member']})"),
+                       ("equal_prob", "equal weights (prob)"), ("chosen", "chosen ensemble")):
+        lines.append(label[:30].ljust(32) + "  ".join(f"{figures[key][c]:14.4f}" for c in cols))
+    if nested_doc:
+        lines.append(f"nested CV of the whole selection: {nested_doc['log_loss']:.4f}")
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------------- read side
+def ensemble_oof(path: Path | str):
+    """The ensemble's out-of-fold rows as an :class:`~carclf.analyze.oofset.OofSet`: the chosen recipe's
+    cross-validated probabilities (each row predicted by a fit that did not see it), over the submission's classes
+    (``classes`` = the submission's columns, ``merge`` the identity, labels = the photo's folder). ``probs_raw`` is
+    the same recipe without member temperatures and final calibration; ``folds`` the first member's training folds;
+    ``features`` the first member's, when it kept them."""
+    from carclf.analyze.oofset import OofSet
+    from carclf.data.merges import identity
+
+    path = Path(path)
+    doc = read_ensemble(path)
+    f = path / OOF_FILE
+    if not f.is_file():
+        raise CarclfError(f"'{f}' is missing: rebuild the ensemble with carclf ensemble --overwrite")
+    with np.load(f) as z:
+        feats = z["features"].astype(np.float32) if "features" in z.files else None
+        cal = doc["calibration"]
+        return OofSet(
+            source=str(path), classes=list(doc["classes"]), merge=identity(list(doc["classes"])),
+            paths=z["paths"].astype(str), labels=z["labels"], original_labels=z["labels"], folds=z["folds"],
+            probs_raw=z["probs_raw"].astype(np.float64), probs=z["probs"].astype(np.float64), features=feats,
+            temperatures={-1: float(cal.get("temperature", 1.0))}, eps=float(doc["eps"]),
+        )
+
+
+def evaluate_ensemble(path: Path | str, log: Callable[[str], None] = print) -> list[dict]:
+    """``carclf evaluate`` for an ensemble folder: the rows of :func:`carclf.analyze.evaluate.evaluate_run` from
+    the ensemble's cross-validated OOF probabilities, per first-member fold and overall; saved to
+    evaluation.json."""
+    from carclf.analyze.evaluate import _row
+
+    oof = ensemble_oof(path)
+    t = oof.temperatures[-1]
+    rows = []
+    for k in np.unique(oof.folds):
+        m = oof.folds == k
+        rows.append(_row(str(int(k)), t, oof.probs_raw[m], oof.probs[m], oof.labels[m], oof.labels[m], oof.merge,
+                         oof.eps))
+    if len(rows) > 1:
+        rows.append(_row("all", t, oof.probs_raw, oof.probs, oof.labels, oof.labels, oof.merge, oof.eps))
+    atomic_write_text(Path(path) / "evaluation.json", json.dumps(rows, indent=1))
+    return rows

@@ -1,0 +1,107 @@
+"""``ensemble.yaml``: what an ensemble folder holds and how the Predictor rebuilds it.
+
+::
+
+    ENSEMBLE_DIR/
+      ensemble.yaml     members (run path, folds, sha256 of each best.pt, weight, temperature, TTA policy), space,
+                        final calibration, clipping eps, the cross-validated OOF figure of every candidate
+      calibration.npz   vector / matrix calibration parameters (only for those kinds; its sha256 is in the yaml)
+      oof.npz           the chosen ensemble's cross-validated out-of-fold probabilities (carclf.ensemble.ensemble_oof)
+      evaluation.json   written by ``carclf evaluate ENSEMBLE_DIR``
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from carclf.errors import CarclfError
+
+ENSEMBLE_FILE = "ensemble.yaml"
+KIND = "carclf ensemble"
+FORMAT = 1
+CALIBRATION_FILE = "calibration.npz"
+OOF_FILE = "oof.npz"
+# What carclf writes into an ensemble folder: --overwrite deletes these and nothing else.
+KNOWN = {ENSEMBLE_FILE, CALIBRATION_FILE, OOF_FILE, "evaluation.json", "report"}
+
+
+def is_ensemble_dir(path: Path | str) -> bool:
+    return (Path(path) / ENSEMBLE_FILE).is_file()
+
+
+def read_ensemble(path: Path | str) -> dict[str, Any]:
+    """The ensemble's description, checked for the fields the Predictor needs."""
+    path = Path(path)
+    f = path / ENSEMBLE_FILE
+    if not f.is_file():
+        raise CarclfError(f"'{path}' is not an ensemble folder (no {ENSEMBLE_FILE}): run carclf ensemble first")
+    try:
+        doc = yaml.safe_load(f.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise CarclfError(f"'{f}' is not readable YAML ({exc}): rebuild it with carclf ensemble --overwrite") from None
+    if not isinstance(doc, dict) or doc.get("kind") != KIND:
+        raise CarclfError(f"'{f}' was not written by carclf ensemble (no 'kind: {KIND}')")
+    missing = [k for k in ("format", "classes", "members", "space", "calibration", "eps") if k not in doc]
+    if missing:
+        raise CarclfError(f"'{f}' lacks {', '.join(missing)}: rebuild it with carclf ensemble --overwrite")
+    if doc["format"] > FORMAT:
+        raise CarclfError(f"'{f}' has format {doc['format']}, newer than this carclf reads ({FORMAT}): upgrade carclf")
+    return doc
+
+
+def member_run(ens_dir: Path, member: dict[str, Any]) -> Path:
+    """A member's run directory: its path relative to the ensemble folder (both moved together), else the absolute
+    path recorded when the ensemble was made (the ensemble folder moved alone)."""
+    rel = Path(os.path.normpath(ens_dir / member["run"]))
+    if rel.is_dir():
+        return rel
+    absolute = Path(member.get("run_abs", ""))
+    if member.get("run_abs") and absolute.is_dir():
+        return absolute
+    raise CarclfError(
+        f"{ens_dir / ENSEMBLE_FILE}: member {member['name']}'s run is missing: neither '{rel}' nor "
+        f"'{member.get('run_abs')}' exists. Put the run back, or rebuild the ensemble with carclf ensemble.")
+
+
+def verify_checksum(ens_dir: Path, member: dict[str, Any], fold: int, best: Path) -> None:
+    """Refuse weights that changed since the ensemble was made (retrained or replaced folds)."""
+    from carclf.ensemble.members import sha256
+
+    want = member["best_sha256"][fold]
+    if not best.is_file():
+        raise CarclfError(f"{ens_dir / ENSEMBLE_FILE}: member {member['name']} fold {fold}: '{best}' is missing. "
+                          "Rebuild the ensemble with carclf ensemble --overwrite.")
+    have = sha256(best)
+    if have != want:
+        raise CarclfError(
+            f"{ens_dir / ENSEMBLE_FILE}: '{best}' has changed since the ensemble was made (sha256 {have[:12]}..., "
+            f"recorded {want[:12]}...): its weights, temperatures and TTA were chosen for the old model. Rebuild the "
+            "ensemble with carclf ensemble --overwrite.")
+
+
+def load_calibration(ens_dir: Path, cal: dict[str, Any]) -> dict[str, Any]:
+    """The final calibration with its arrays (vector / matrix parameters live in calibration.npz)."""
+    from carclf.ensemble.members import sha256
+
+    if "file" not in cal:
+        return dict(cal)
+    f = ens_dir / cal["file"]
+    if not f.is_file():
+        raise CarclfError(f"'{f}' is missing: the ensemble's {cal['kind']} calibration is stored there. Rebuild the "
+                          "ensemble with carclf ensemble --overwrite.")
+    if cal.get("sha256") and sha256(f) != cal["sha256"]:
+        raise CarclfError(f"'{f}' does not match its checksum in {ENSEMBLE_FILE}: rebuild the ensemble")
+    out = {k: v for k, v in cal.items() if k not in ("file", "sha256")}
+    with np.load(f) as z:
+        out.update({k: z[k] for k in z.files})
+    return out
+
+
+def relative_run(ens_dir: Path, run: Path) -> str:
+    """The run's path relative to the ensemble folder (POSIX separators)."""
+    return Path(os.path.relpath(run.resolve(), ens_dir.resolve())).as_posix()
