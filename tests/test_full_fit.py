@@ -55,6 +55,12 @@ def test_full_fit_follows_the_folds_and_trains_on_every_usable_photo(synth_data,
     calibrate_run(run, log=lambda s: None)
     temps = [rd.temperature(k) for k in (0, 1)]
     assert rd.temperature(FULL) == pytest.approx(sum(temps) / 2)
+    # predict.full=beside (default): the Predictor holds the folds and the full fit, with the folds' mean temperature
+    from carclf.infer.predictor import Predictor
+
+    predictor = Predictor(run, device="cpu")
+    assert predictor.folds == [0, 1, FULL]
+    assert predictor.temperatures[-1] == pytest.approx(sum(temps) / 2)
     # resuming a finished run trains nothing again
     again = train(load_config(None, tiny_overrides(synth_data, tmp_path, **over)), resume=True, log=lambda s: None)
     assert json.loads(RunDir.open(again).full.summary.read_text()) == full

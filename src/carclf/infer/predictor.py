@@ -113,6 +113,8 @@ class Predictor:
                 chosen.append(FULL)
             if not chosen:
                 raise CarclfError(f"'{self.run_dir}' has none of the folds {folds} completed")
+        elif self.run.has_full() and self.cfg.predict.full != "off":  # predict.full: beside | instead | off
+            chosen = ([] if self.cfg.predict.full == "instead" else chosen) + [FULL]
         self.folds = chosen
         self.incomplete = self.run.incomplete_folds()
         self.temperatures = [self.run.temperature(k) for k in chosen]
