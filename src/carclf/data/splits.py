@@ -110,7 +110,8 @@ def parse_folds(spec: str, n_folds: int) -> list[int]:
         chosen = sorted({int(s) for s in items})
     except ValueError as exc:
         raise CarclfError(
-            f"train.folds='{spec}' must be 'all', fold numbers such as 0 or 0,2, and/or 'full' (the full-data fit)"
+            f"train.folds='{spec}' must be 'all' or fold numbers such as 0 or 0,2, optionally with 'full' (the "
+            "full-data fit)"
         ) from exc
     bad = [k for k in chosen if not 0 <= k < n_folds]
     if bad or not (chosen or full):
