@@ -79,7 +79,7 @@ def test_views_inside_the_graph_match_pytorch(tmp_path):
 
 
 def test_export_writes_graphs_and_passes_parity(exported, run_dir):
-    from carclf.infer.onnx_engine import file_sha256
+    from carclf.io import file_sha256
     from carclf.rundir import RunDir
 
     doc = _doc(exported)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 from collections.abc import Callable
@@ -44,3 +45,24 @@ def atomic_savez(path: Path | str, **arrays: Any) -> None:
     import numpy as np
 
     atomic_write(path, lambda fh: np.savez(fh, **arrays), "wb")
+
+
+def file_sha256(path: Path | str) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (checkpoints and ONNX graphs are hundreds of MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_yaml(path: Path, remedy: str) -> Any:
+    """A YAML file carclf wrote, or a CarclfError naming it and ``remedy`` when it is not readable YAML."""
+    import yaml
+
+    from carclf.errors import CarclfError
+
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise CarclfError(f"'{path}' is not readable YAML ({exc}): {remedy}") from None

@@ -169,9 +169,9 @@ def build_ensemble(
     if final.calibration["kind"] in ("vector", "matrix"):
         arrays = {k: v for k, v in final.calibration.items() if isinstance(v, np.ndarray)}
         atomic_savez(out / CALIBRATION_FILE, **arrays)
-        from carclf.ensemble.members import sha256
+        from carclf.io import file_sha256
 
-        cal.update(file=CALIBRATION_FILE, sha256=sha256(out / CALIBRATION_FILE))
+        cal.update(file=CALIBRATION_FILE, sha256=file_sha256(out / CALIBRATION_FILE))
     feats = members[0].features[al.index[0]] if members[0].features is not None else None
     atomic_savez(out / OOF_FILE, paths=al.paths.astype(str), labels=prob.labels, folds=prob.groups,
                  probs=result.probs, probs_raw=raw.probs,

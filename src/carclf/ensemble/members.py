@@ -3,7 +3,6 @@ TTA view, aligned across members by photo path."""
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,20 +12,13 @@ import numpy as np
 
 from carclf.data.merges import MergeMap, identity
 from carclf.errors import CarclfError
+from carclf.io import file_sha256
 from carclf.rundir import RunDir
 from carclf.tta import POLICIES, parse_policy, policy_views
 
 # The TTA policies the ensemble step tries, cheapest first; each is measured wherever a member's stored views allow.
 POLICY_CANDIDATES = ("none", "hflip", "multiscale", "hflip+multiscale", "fivecrop", "hflip+fivecrop")
 _FOLDS_SUFFIX = re.compile(r"^(?P<run>.+):(?P<folds>\d+(?:,\d+)*)$")
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def policy_name(views: list[str]) -> str:
@@ -155,7 +147,7 @@ def load_member(spec: MemberSpec, name: str, log: Callable[[str], None] = print)
         labels=np.concatenate(parts["labels"]), original_labels=np.concatenate(parts["orig"]),
         row_folds=np.concatenate(parts["fold"]), views=views, view_logits=view_logits, run_views=run_views,
         run_logits=np.concatenate(parts["run"]), features=feats,
-        checksums={k: sha256(rd.fold(k).best) for k in folds}, eval_sizes={k: rd.eval_size(k) for k in folds},
+        checksums={k: file_sha256(rd.fold(k).best) for k in folds}, eval_sizes={k: rd.eval_size(k) for k in folds},
     )
 
 

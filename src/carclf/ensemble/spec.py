@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from carclf.errors import CarclfError
+from carclf.io import file_sha256, read_yaml
 
 ENSEMBLE_FILE = "ensemble.yaml"
 KIND = "carclf ensemble"
@@ -40,10 +40,7 @@ def read_ensemble(path: Path | str) -> dict[str, Any]:
     f = path / ENSEMBLE_FILE
     if not f.is_file():
         raise CarclfError(f"'{path}' is not an ensemble folder (no {ENSEMBLE_FILE}): run carclf ensemble first")
-    try:
-        doc = yaml.safe_load(f.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise CarclfError(f"'{f}' is not readable YAML ({exc}): rebuild it with carclf ensemble --overwrite") from None
+    doc = read_yaml(f, "rebuild it with carclf ensemble --overwrite")
     if not isinstance(doc, dict) or doc.get("kind") != KIND:
         raise CarclfError(f"'{f}' was not written by carclf ensemble (no 'kind: {KIND}')")
     missing = [k for k in ("format", "classes", "members", "space", "calibration", "eps") if k not in doc]
@@ -70,13 +67,11 @@ def member_run(ens_dir: Path, member: dict[str, Any]) -> Path:
 
 def verify_checksum(ens_dir: Path, member: dict[str, Any], fold: int, best: Path) -> None:
     """Refuse weights that changed since the ensemble was made (retrained or replaced folds)."""
-    from carclf.ensemble.members import sha256
-
     want = member["best_sha256"][fold]
     if not best.is_file():
         raise CarclfError(f"{ens_dir / ENSEMBLE_FILE}: member {member['name']} fold {fold}: '{best}' is missing. "
                           "Rebuild the ensemble with carclf ensemble --overwrite.")
-    have = sha256(best)
+    have = file_sha256(best)
     if have != want:
         raise CarclfError(
             f"{ens_dir / ENSEMBLE_FILE}: '{best}' has changed since the ensemble was made (sha256 {have[:12]}..., "
@@ -86,15 +81,13 @@ def verify_checksum(ens_dir: Path, member: dict[str, Any], fold: int, best: Path
 
 def load_calibration(ens_dir: Path, cal: dict[str, Any]) -> dict[str, Any]:
     """The final calibration with its arrays (vector / matrix parameters live in calibration.npz)."""
-    from carclf.ensemble.members import sha256
-
     if "file" not in cal:
         return dict(cal)
     f = ens_dir / cal["file"]
     if not f.is_file():
         raise CarclfError(f"'{f}' is missing: the ensemble's {cal['kind']} calibration is stored there. Rebuild the "
                           "ensemble with carclf ensemble --overwrite.")
-    if cal.get("sha256") and sha256(f) != cal["sha256"]:
+    if cal.get("sha256") and file_sha256(f) != cal["sha256"]:
         raise CarclfError(f"'{f}' does not match its checksum in {ENSEMBLE_FILE}: rebuild the ensemble")
     out = {k: v for k, v in cal.items() if k not in ("file", "sha256")}
     with np.load(f) as z:

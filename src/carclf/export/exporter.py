@@ -36,11 +36,10 @@ from carclf.infer.onnx_engine import (
     PARITY_TOLERANCE,
     OnnxFold,
     dcfg_to_yaml,
-    file_sha256,
     load_exported_predictor,
     read_export,
 )
-from carclf.io import atomic_write, atomic_write_text
+from carclf.io import atomic_write, atomic_write_text, file_sha256
 from carclf.models.forward import apply_view
 from carclf.rundir import FULL, RunDir, clear_owned_folder
 

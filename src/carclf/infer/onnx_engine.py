@@ -9,16 +9,15 @@ code, so PyTorch and ONNX Runtime give the same probabilities (to the parity fig
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from carclf.errors import CarclfError
+from carclf.io import file_sha256, read_yaml
 
 EXPORT_FILE = "export.yaml"
 EXPORT_MARKER = ".carclf-export"
@@ -55,14 +54,6 @@ def session_options(threads: int | None = None):
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3  # warnings about unused initialisers etc. are noise to a user
     return so
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class OnnxFold:
@@ -111,10 +102,7 @@ def read_export(export_dir: Path | str) -> dict[str, Any]:
     path = export_yaml(export_dir)
     if not path.is_file():
         raise CarclfError(f"'{export_dir}' is not an export directory (no {EXPORT_FILE}): run carclf export first")
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise CarclfError(f"'{path}' is not readable YAML ({exc}): export the model again") from None
+    doc = read_yaml(path, "export the model again")
     needed = ("format", "engines", "classes", "merge", "config")
     missing = [k for k in needed if not isinstance(doc, dict) or k not in doc]
     if missing:

@@ -285,7 +285,7 @@ def predictor_version(predictor) -> str:
     run = getattr(predictor, "run", None)
     for k, t, s in zip(predictor.folds, predictor.temperatures, predictor.eval_sizes, strict=True):
         if run is not None:
-            from carclf.infer.onnx_engine import file_sha256
+            from carclf.io import file_sha256
 
             h.update(file_sha256(run.fold(k).best).encode())
         h.update(f"{k}:{t!r}:{s}".encode())
