@@ -169,41 +169,37 @@ def greedy_weights(P: np.ndarray, y: np.ndarray, space: str, iters: int = GREEDY
     """Caruana et al. (2004) forward selection with replacement: start from an empty bag, repeatedly add the member
     whose addition lowers the bag average's log loss most (a member may be added again), and keep the bag size with
     the lowest loss. Weights = how often each member is in that bag; a member never picked gets exactly 0."""
-    M, n = P.shape[:2]
-    counts = np.zeros(M)
-    best_loss, best_counts, since = np.inf, None, 0
+    M = P.shape[0]
     if space == "prob":
-        q = _true_class(P, y)  # the loss of a probability average depends only on the true class's column
-        acc = np.zeros(n)
-        for t in range(1, iters + 1):
-            losses = [-np.mean(np.log((acc + q[m]) / t)) for m in range(M)]
-            m = int(np.argmin(losses))
-            acc += q[m]
-            counts[m] += 1
-            if losses[m] < best_loss - 1e-12:
-                best_loss, best_counts, since = losses[m], counts.copy(), 0
-            else:
-                since += 1
-            if since >= 10:  # no better bag in 10 additions: the bag has converged
-                break
+        X = _true_class(P, y)  # the loss of a probability average depends only on the true class's column
+
+        def bag_losses(acc: np.ndarray, t: int) -> list[float]:
+            return [-np.mean(np.log((acc + X[m]) / t)) for m in range(M)]
     else:
         # In logit space the bag's scale is the final temperature's business: score each bag at its best one.
-        L = np.log(np.maximum(P, 1e-30))
-        acc = np.zeros(P.shape[1:])
-        s = 1.0
-        for t in range(1, iters + 1):
-            fits = [_scale_newton((acc + L[m]) / t, y, s0=s) for m in range(M)]
+        X = np.log(np.maximum(P, 1e-30))
+        scale = [1.0]
+
+        def bag_losses(acc: np.ndarray, t: int) -> list[float]:
+            fits = [_scale_newton((acc + X[m]) / t, y, s0=scale[0]) for m in range(M)]
             losses = [f[1] for f in fits]
-            s = fits[int(np.argmin(losses))][0]  # warm start: the next bag's best scale is close
-            m = int(np.argmin(losses))
-            acc += L[m]
-            counts[m] += 1
-            if losses[m] < best_loss - 1e-12:
-                best_loss, best_counts, since = losses[m], counts.copy(), 0
-            else:
-                since += 1
-            if since >= 10:
-                break
+            scale[0] = fits[int(np.argmin(losses))][0]  # warm start: the next bag's best scale is close
+            return losses
+
+    acc = np.zeros(X.shape[1:])
+    counts = np.zeros(M)
+    best_loss, best_counts, since = np.inf, None, 0
+    for t in range(1, iters + 1):
+        losses = bag_losses(acc, t)
+        m = int(np.argmin(losses))
+        acc += X[m]
+        counts[m] += 1
+        if losses[m] < best_loss - 1e-12:
+            best_loss, best_counts, since = losses[m], counts.copy(), 0
+        else:
+            since += 1
+        if since >= 10:  # no better bag in 10 additions: the bag has converged
+            break
     return best_counts / best_counts.sum()
 
 
