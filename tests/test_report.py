@@ -145,12 +145,20 @@ def test_an_ensembles_member_runs_are_found_for_their_curves(tmp_path):
         (tmp_path / name / ".carclf-run").write_text("{}")
     ens = tmp_path / "ens"
     ens.mkdir()
-    (ens / "ensemble.yaml").write_text(yaml.safe_dump({"members": [f"{tmp_path / 'a'}:0,2", {"run": "b"},
-                                                                   "gone"]}))
+    from carclf.ensemble.spec import FORMAT, KIND
+
+    def write(members):  # ensemble.yaml as carclf ensemble writes it (members' runs relative to the folder)
+        doc = {"kind": KIND, "format": FORMAT, "classes": [], "members": members, "space": "prob",
+               "calibration": {"kind": "temperature"}, "eps": 1e-6}
+        (ens / "ensemble.yaml").write_text(yaml.safe_dump(doc))
+
+    write([{"name": "a", "run": "../a", "folds": [0, 2]},
+           {"name": "b", "run": "moved/b", "run_abs": str(tmp_path / "b")},  # found by its absolute path
+           {"name": "gone", "run": "../gone"}])
     runs, note = member_runs(ens)
     assert runs == [tmp_path / "a", tmp_path / "b"]
     assert note == ""
-    (ens / "ensemble.yaml").write_text("members: [gone]\n")
+    write([{"name": "gone", "run": "../gone"}])
     runs, note = member_runs(ens)
     assert runs == []
     assert "could not be found" in note

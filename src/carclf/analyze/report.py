@@ -17,7 +17,6 @@ import hashlib
 import html
 import io
 import json
-import re
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -124,28 +123,23 @@ def _now() -> str:
 
 
 def member_runs(source: Path) -> tuple[list[Path], str]:
-    """The run folders behind ``source`` (itself, or an ensemble's members) and a note when they cannot be told."""
+    """The run folders behind ``source`` (itself, or an ensemble's members, found as the Predictor finds them) and a
+    note when they cannot be told."""
+    from carclf.ensemble.spec import ENSEMBLE_FILE, member_run, read_ensemble
     from carclf.rundir import RunDir
 
-    if not (source / "ensemble.yaml").is_file():
+    if not (source / ENSEMBLE_FILE).is_file():
         return ([source], "") if RunDir(source).is_run() else ([], f"'{source}' is not a run directory")
-    import yaml
-
     try:
-        doc = yaml.safe_load((source / "ensemble.yaml").read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
-        return [], f"ensemble.yaml could not be read ({exc})"
-    members = doc.get("members", []) if isinstance(doc, dict) else []
+        members = read_ensemble(source)["members"]
+    except (OSError, CarclfError) as exc:
+        return [], f"{ENSEMBLE_FILE} could not be read ({exc})"
     runs = []
-    for m in members if isinstance(members, list) else []:
-        ref = m if isinstance(m, str) else next((m.get(k) for k in ("run", "path", "dir") if isinstance(m, dict)
-                                                 and isinstance(m.get(k), str)), None)
-        if not ref:
+    for m in members:
+        try:
+            path = member_run(source, m)
+        except (CarclfError, KeyError, TypeError):  # a missing run, or a member entry without one
             continue
-        ref = re.sub(r":[\d,]+$", "", ref) if not Path(ref).exists() else ref  # "runs/a:0,2": folds 0 and 2 of a
-        path = Path(ref) if Path(ref).is_absolute() else (source / ref)
-        if not path.is_dir() and (source.parent / ref).is_dir():
-            path = source.parent / ref
         if RunDir(path).is_run():
             runs.append(path)
     return runs, "" if runs else "the ensemble's member runs could not be found from ensemble.yaml"
