@@ -26,6 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from carclf.errors import CarclfError
+from carclf.serve.server import wait_until_ready
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RUN = ROOT / "benchmarks" / "out" / "cpu-lite0-bench-20261123-130103"
 
@@ -110,18 +113,10 @@ def main() -> None:
     with open(log, "w") as fh:
         server = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if server.poll() is not None:
-                sys.exit(f"carclf serve exited with {server.returncode}; see {log}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                sys.exit(f"carclf serve not ready after 300 s; see {log}")
-            time.sleep(0.5)
+        try:
+            wait_until_ready(url, server, 300)
+        except CarclfError as exc:
+            sys.exit(f"{exc}; see {log}")
         asyncio.run(load(url, items, 32, min(args.concurrency, 8)))  # warm-up: buffers, connections
         rss_before = rss_mb(server.pid)
         b0 = batch_sizes(httpx.get(f"{url}/metrics").text)

@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 from PIL import Image
 
 from carclf.errors import CarclfError
+from carclf.serve.server import wait_until_ready
 from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -273,7 +273,6 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(export_dir, tmp_path_factory):
     """``carclf serve EXPORT`` in its own process under uvicorn on a free loopback port; yields its base URL."""
-    import httpx
 
     port = _free_port()
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
@@ -283,18 +282,10 @@ def server(export_dir, tmp_path_factory):
                                  "--max-wait-ms", "2"], stdout=fh, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"carclf serve exited with {proc.returncode}: {log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"carclf serve not ready after 180 s: {log.read_text()[-2000:]}")
-            time.sleep(0.5)
+        try:
+            wait_until_ready(url, proc, 180)
+        except CarclfError as exc:
+            pytest.fail(f"{exc}: {log.read_text()[-2000:]}")
         yield url
     finally:
         proc.terminate()
