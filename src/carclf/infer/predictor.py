@@ -188,11 +188,6 @@ class Predictor:
 
     # ----------------------------------------------------------------------------------------------- state
     @property
-    def models(self) -> list:
-        """The fold engines (kept under their old name: one per completed fold)."""
-        return self.engines
-
-    @property
     def eps(self) -> float:
         """The submission's clipping: an ensemble's chosen value, else the run's ``predict.eps``."""
         return float(self.postprocess["eps"]) if self.postprocess else float(self.cfg.predict.eps)

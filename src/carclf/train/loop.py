@@ -441,10 +441,10 @@ def train_fold(
     classes = data.classes
     if len(tr_idx) == 0 or (len(va_idx) == 0 and not full):
         raise CarclfError(f"fold {k} has no training or no validation images after skipping unreadable ones")
+    state = _load_state(fp.last, device) if fp.last.is_file() else None  # resuming
     plan = None
     if full:
-        plan = _load_state(fp.last, device).get("plan") if fp.last.is_file() else None  # resumed: same plan
-        plan = plan or full_fit_plan(rd, cfg, log)
+        plan = (state or {}).get("plan") or full_fit_plan(rd, cfg, log)  # resumed: the same plan
     n_epochs = plan["epochs"] if full else t.epochs
     dcfg = data_config_for(cfg)
     size = dcfg["input_size"][1]
@@ -490,8 +490,7 @@ def train_fold(
     start_epoch, step, history, bad = 0, 0, [], []
     primary = "ema" if parts["ema"] is not None else "raw"
     best = {"val_log_loss": math.inf, "epoch": -1, "weights": primary}
-    if fp.last.is_file():
-        state = _load_state(fp.last, device)
+    if state is not None:
         parts["model"].load_state_dict(state["model"])
         if parts["ema"] is not None:
             parts["ema"].load_state_dict(state["ema"])
