@@ -95,7 +95,8 @@ class Recipe:
             head = f"single {names[int(self.method.split(':')[1])]}"
         else:
             head = f"{self.method}/{self.space}"
-        tta = ",".join(sorted(set(self.policies[i] for i in self.used(len(names)))))
+        used = [self.policies[i] for i in self.used(len(names))]
+        tta = used[0] if len(set(used)) == 1 else "/".join(used)  # per member, in member order
         cal = ("T/member + " if self.member_temperature else "") + self.calibration
         return f"{head} | tta {tta} | {cal} | eps {self.eps}"
 
