@@ -79,6 +79,38 @@ def test_overwrite_clears_a_run_carclf_made(tmp_path):
     assert [p.name for p in rd.path.iterdir()] == [".locks"]
 
 
+def test_overwrite_clears_the_runs_own_report_but_not_a_folder_a_user_put_there(tmp_path):
+    from carclf.rundir import REPORT_MARKER
+
+    rd = _fake_run(tmp_path / "run")
+    report = rd.path / "report"
+    (report / "thumbs").mkdir(parents=True)
+    (report / REPORT_MARKER).write_text("{}")
+    (report / "report.html").write_text("<html>")
+    (report / "mine.txt").write_text("notes on the report")
+    with pytest.raises(CarclfError, match="'report'"):
+        rd.clear()
+    assert (report / "mine.txt").is_file()
+    (report / "mine.txt").unlink()
+    rd.clear()  # the run's own report describes the run being replaced: it goes with it
+    assert [p.name for p in rd.path.iterdir()] == [".locks"]
+    rd = _fake_run(tmp_path / "run2")
+    (rd.path / "report").mkdir()  # a folder named report without the marker is the user's
+    (rd.path / "report" / "report.html").write_text("mine")
+    with pytest.raises(CarclfError, match="'report'"):
+        rd.clear()
+    assert (rd.path / "report" / "report.html").read_text() == "mine"
+
+
+def test_report_writes_only_names_the_run_overwrite_knows():
+    """Every file the report writes is in carclf.rundir.REPORT_FILES (else train --overwrite would refuse)."""
+    from carclf.analyze.report import PLOTS
+    from carclf.analyze.report_features import FEATURE_CACHE
+    from carclf.rundir import REPORT_FILES
+
+    assert {FEATURE_CACHE, *PLOTS.values()} <= REPORT_FILES
+
+
 def test_train_overwrite_of_the_data_folder_deletes_nothing(synth_data, tmp_path):
     """The report that started this: name=.. (or the data folder's own name) with --overwrite."""
     import shutil

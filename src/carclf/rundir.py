@@ -44,6 +44,12 @@ FOLD_RE = re.compile(r"fold(\d+)")
 FULL = -1  # the fold number of the full-data fit (train.folds=full), kept in full/
 FULL_DIR = "full"
 TOP_FILES = {"config.yaml", "run.json", "folds.csv", "skipped.csv", "evaluation.json", MARKER}
+# `carclf report RUN` writes RUN/report/ (carclf.analyze.report): --overwrite of the run deletes it with the run (it
+# describes the old run's OOF predictions), but only when it carries the report's marker and holds only its files.
+REPORT_DIR = "report"
+REPORT_MARKER = ".carclf-report"
+REPORT_FILES = {"report.html", "report.json", "per_class.csv", "label_issues.csv", "confusable.yaml", "thumbs",
+                "features.npz", "curves.png", "calibration.png", "worst_classes.png", "embedding.png", REPORT_MARKER}
 FOLD_FILES = {"best.pt", "last.pt", "metrics.csv", "oof.npz", "summary.json", "calibration.json", "curves.png",
               "mlflow_run.json"}
 RUN_LOCK_TIMEOUT = 120.0  # seconds to wait for another process's short update of the shared files
@@ -335,6 +341,8 @@ def _run_entry_known(entry: Path) -> bool:
         return True
     if entry.is_dir() and (FOLD_RE.fullmatch(name) or name == FULL_DIR):
         return all(c.name in FOLD_FILES or _is_temp(c.name) for c in entry.iterdir())
+    if entry.is_dir() and not entry.is_symlink() and name == REPORT_DIR and (entry / REPORT_MARKER).is_file():
+        return all(c.name in REPORT_FILES or _is_temp(c.name) for c in entry.iterdir())
     return name in TOP_FILES and entry.is_file()
 
 

@@ -30,12 +30,12 @@ from carclf.analyze.prepare_report import _CSS, _Disk
 from carclf.analyze.report_features import FEATURE_CACHE, compute_features, resolve_photo, tsne_map
 from carclf.errors import CarclfError
 from carclf.io import atomic_write, atomic_write_text
+from carclf.rundir import REPORT_FILES, REPORT_MARKER
 
-REPORT_MARKER = ".carclf-report"
 PLOTS = {"curves": "curves.png", "calibration": "calibration.png", "worst": "worst_classes.png",
          "embedding": "embedding.png"}
-REPORT_FILES = {"report.html", "report.json", "per_class.csv", "label_issues.csv", "confusable.yaml", "thumbs",
-                FEATURE_CACHE, REPORT_MARKER, *PLOTS.values()}
+# REPORT_FILES (every name written here) lives in carclf.rundir: `train --overwrite` of a run deletes its report/
+# folder only when it holds nothing else
 TOP_PAIRS = 15  # confused pairs shown with photos
 PAIR_PHOTOS = 3  # misclassified photos per direction of a pair
 TYPICAL = 2  # typical photos of the other class beside them
