@@ -251,3 +251,69 @@ def test_parity_falls_back_to_synthetic_photos(exported, run_dir, tmp_path, monk
     assert doc["parity"]["photos"] == "synthetic"
     assert doc["parity"]["passed"]
     assert any("synthetic" in line and "not on disk" in line for line in lines)
+
+
+# ------------------------------------------------------------------------------------------------- an ensemble
+@pytest.fixture(scope="module")
+def ensemble_dir(run_dir, synth_data, tmp_path_factory) -> Path:
+    """An ensemble of the module's run and a second run at another input size, with a vector calibration (its
+    arrays in calibration.npz) put in by hand so the export has arrays to carry."""
+    from carclf.config import load_config
+    from carclf.ensemble import build_ensemble
+    from carclf.io import atomic_savez, file_sha256
+    from carclf.train.loop import train
+
+    other = train(load_config(None, tiny_overrides(synth_data, run_dir.parent, **{
+        "name": "other size", "train.folds": "all", "train.seed": 1, "data.img_size": 80})), log=lambda s: None)
+    ens = tmp_path_factory.mktemp("ens") / "두 모델 ensemble"
+    build_ensemble([str(run_dir), str(other)], ens, cv_folds=2, calibrations=("none", "temperature"),
+                   log=lambda s: None)
+    doc = yaml.safe_load((ens / "ensemble.yaml").read_text(encoding="utf-8"))
+    for m in doc["members"]:
+        m["weight"] = 0.5  # both members in the export, whatever the selection chose
+    rng = np.random.default_rng(0)
+    n = len(doc["classes"])
+    atomic_savez(ens / "calibration.npz", a=rng.uniform(0.7, 1.3, n), b=rng.normal(0, 0.3, n))
+    doc["calibration"] = {"kind": "vector", "file": "calibration.npz", "sha256": file_sha256(ens / "calibration.npz")}
+    (ens / "ensemble.yaml").write_text(yaml.safe_dump(doc, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return ens
+
+
+def test_ensemble_export_gives_the_torch_ensembles_probabilities(ensemble_dir, synth_data, tmp_path):
+    from carclf.export.exporter import export_model
+    from carclf.infer.onnx_engine import load_exported_predictor
+    from carclf.infer.predictor import Predictor
+
+    out = tmp_path / "export"
+    lines: list[str] = []
+    export_model(ensemble_dir, out, log=lines.append)
+    doc = _doc(out)
+    assert doc["source"]["kind"] == "ensemble"
+    names = [e["name"] for e in doc["engines"]]
+    assert names == ["m0.fold0", "m0.fold1", "m1.fold0", "m1.fold1"]
+    members = [m["name"] for m in yaml.safe_load((ensemble_dir / "ensemble.yaml").read_text(encoding="utf-8"))[
+        "members"]]
+    assert [e["member"] for e in doc["engines"]] == [members[0]] * 2 + [members[1]] * 2
+    assert {tuple(e["data_config"]["input_size"]) for e in doc["engines"]} == {(3, 64, 64), (3, 80, 80)}
+    assert doc["parity"]["passed"]
+    assert doc["parity"]["photos"] == "out-of-fold"
+    assert doc["predictor"]["postprocess"]["calibration"]["kind"] == "vector"
+    assert (out / "calibration.npz").is_file()
+
+    photos = _test_photos(synth_data)
+    ref, _ = Predictor(ensemble_dir, device="cpu").predict(photos, num_workers=0)
+    moved = tmp_path / "moved elsewhere"
+    shutil.copytree(out, moved)
+    onnx_pred = load_exported_predictor(moved)
+    got, bad = onnx_pred.predict(photos, num_workers=0)
+    assert bad == []
+    assert np.abs(got - ref).max() < 1e-4
+    assert onnx_pred.eps == pytest.approx(float(yaml.safe_load(
+        (ensemble_dir / "ensemble.yaml").read_text(encoding="utf-8"))["eps"]))
+    # the calibration arrays are checked like the graphs
+    np.savez(moved / "calibration.npz", a=np.ones(3), b=np.zeros(3))
+    with pytest.raises(CarclfError, match=r"calibration\.npz.*checksum.*Export the ensemble again"):
+        load_exported_predictor(moved)
+    # --overwrite of an ensemble export clears its own files, calibration.npz included
+    export_model(ensemble_dir, out, overwrite=True, log=lines.append)
+    assert _doc(out)["parity"]["passed"]

@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=_predict)
 
     ex = sub.add_parser("export", help="ONNX graphs of every fold engine (TTA inside), parity-checked, optional int8")
-    ex.add_argument("source", help="run directory")
+    ex.add_argument("source", help="run directory or ensemble folder")
     ex.add_argument("-o", "--output", required=True, help="export folder (export.yaml + one .onnx per engine)")
     ex.add_argument("--int8", nargs="?", const="static", choices=["static", "dynamic"],
                     help="also write int8 graphs (static: calibrated on training photos; the default) and print their "
@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=_export)
 
     sv = sub.add_parser("serve", help="HTTP API + upload page for a run or an export (FastAPI + uvicorn)")
-    sv.add_argument("source", help="export folder (ONNX Runtime) or run directory (PyTorch)")
+    sv.add_argument("source", help="export folder (ONNX Runtime), or run directory or ensemble folder (PyTorch)")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--workers", type=int, default=1, help="processes (each loads the model; cores shared out)")

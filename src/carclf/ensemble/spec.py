@@ -79,16 +79,17 @@ def verify_checksum(ens_dir: Path, member: dict[str, Any], fold: int, best: Path
             "ensemble with carclf ensemble --overwrite.")
 
 
-def load_calibration(ens_dir: Path, cal: dict[str, Any]) -> dict[str, Any]:
-    """The final calibration with its arrays (vector / matrix parameters live in calibration.npz)."""
+def load_calibration(ens_dir: Path, cal: dict[str, Any], fix: str = "Rebuild the ensemble with carclf ensemble "
+                     "--overwrite.", listed_in: str = ENSEMBLE_FILE) -> dict[str, Any]:
+    """The final calibration with its arrays (vector / matrix parameters live in calibration.npz, in an ensemble
+    folder or an export of one)."""
     if "file" not in cal:
         return dict(cal)
     f = ens_dir / cal["file"]
     if not f.is_file():
-        raise CarclfError(f"'{f}' is missing: the ensemble's {cal['kind']} calibration is stored there. Rebuild the "
-                          "ensemble with carclf ensemble --overwrite.")
+        raise CarclfError(f"'{f}' is missing: the ensemble's {cal['kind']} calibration is stored there. {fix}")
     if cal.get("sha256") and file_sha256(f) != cal["sha256"]:
-        raise CarclfError(f"'{f}' does not match its checksum in {ENSEMBLE_FILE}: rebuild the ensemble")
+        raise CarclfError(f"'{f}' does not match its checksum in {listed_in}: {fix}")
     out = {k: v for k, v in cal.items() if k not in ("file", "sha256")}
     with np.load(f) as z:
         out.update({k: z[k] for k in z.files})

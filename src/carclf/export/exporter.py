@@ -1,9 +1,13 @@
-"""``carclf export``: a run's fold engines as ONNX graphs, with everything the Predictor needs beside them.
+"""``carclf export``: a run's (or an ensemble's) fold engines as ONNX graphs, with everything the Predictor needs
+beside them.
 
-One graph per fold engine: uint8 NCHW pixels -> normalisation -> the TTA views -> the network -> logits averaged
-over the views (what :class:`~carclf.infer.predictor.TorchFold` computes), with a dynamic batch axis. ``export.yaml``
-holds the preprocessing (timm data config per engine), class names and merges, temperatures, the run's config, each
-graph's checksum, the parity figure and (with ``--int8``) the int8 graphs' change in OOF log loss and accuracy.
+One graph per fold engine (an ensemble: per fold of every member with a weight above 0, named ``m<i>.fold<k>``):
+uint8 NCHW pixels -> normalisation -> the TTA views -> the network -> logits averaged over the views (what
+:class:`~carclf.infer.predictor.TorchFold` computes), with a dynamic batch axis. ``export.yaml`` holds the
+preprocessing (timm data config per engine), class names and merges, temperatures, the run's config, each graph's
+checksum, the parity figure and (with ``--int8``) the int8 graphs' change in OOF log loss and accuracy. An ensemble's
+post-processing (member weights, space, member merges, final calibration, clipping) is plain data in export.yaml
+(vector / matrix calibration arrays in ``calibration.npz``, checksummed), applied by the same numpy code.
 :func:`carclf.infer.onnx_engine.load_exported_predictor` rebuilds the Predictor from that directory alone.
 """
 
@@ -44,7 +48,8 @@ from carclf.models.forward import apply_view
 from carclf.rundir import FULL, RunDir, clear_owned_folder
 
 INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
-ENGINE_FILE_RE = re.compile(r"(fold\d+|full)(\.int8)?\.onnx")
+ENGINE_FILE_RE = re.compile(r"(m\d+\.)?(fold\d+|full)(\.int8)?\.onnx")
+CALIBRATION_FILE = "calibration.npz"  # an ensemble's vector / matrix calibration
 
 
 class EngineModule(nn.Module):
@@ -130,7 +135,19 @@ def _batches(sources: list, dcfg: dict[str, Any], cfg, batch_size: int) -> Itera
 
 
 def _engine_names(predictor) -> list[str]:
-    return ["full" if k == FULL else f"fold{k}" for k in predictor.folds]
+    """File stems: ``fold<k>`` / ``full`` for a run; ``m<i>.fold<k>`` for member ``i`` of an ensemble (member names
+    are free text: spaces, Korean, slashes; the yaml keeps them)."""
+    names = ["full" if k == FULL else f"fold{k}" for k in predictor.folds]
+    if predictor.postprocess:
+        names = [f"m{m}.{n}" for m, n in zip(predictor.engine_members, names, strict=True)]
+    return names
+
+
+def _engine_runs(predictor) -> list[RunDir | None]:
+    """The run directory each engine was trained in (its OOF and training photos): the run, or the member's run."""
+    if predictor.postprocess:
+        return [predictor.member_runs[m] for m in predictor.engine_members]
+    return [getattr(predictor, "run", None)] * len(predictor.engines)
 
 
 def _prepare_out(out: Path, overwrite: bool, source: Path) -> None:
@@ -145,12 +162,29 @@ def _prepare_out(out: Path, overwrite: bool, source: Path) -> None:
             raise CarclfError(f"'{out}' already exists and is not empty: pass --overwrite to replace an earlier "
                               "export there, or choose another -o")
         # Ours: what export.yaml lists, and graphs named as carclf names them (an export that stopped half-way)
-        known = {EXPORT_FILE, EXPORT_MARKER} | {p.name for p in out.iterdir() if ENGINE_FILE_RE.fullmatch(p.name)}
+        known = {EXPORT_FILE, EXPORT_MARKER, CALIBRATION_FILE}
+        known |= {p.name for p in out.iterdir() if ENGINE_FILE_RE.fullmatch(p.name)}
         with contextlib.suppress(CarclfError):
             for e in read_export(out)["engines"]:
                 known |= {f["file"] for f in e.get("files", {}).values()}
         clear_owned_folder(out, EXPORT_MARKER, known, "export directory")
     out.mkdir(parents=True, exist_ok=True)
+
+
+def _ensemble_state(predictor, out: Path) -> dict[str, Any]:
+    """An ensemble Predictor's numpy post-processing as export.yaml data (``load_exported_predictor`` sets these
+    attributes back); vector / matrix calibration arrays go to ``calibration.npz`` with their checksum."""
+    from carclf.io import atomic_savez
+
+    post = dict(predictor.postprocess)
+    cal = {k: v for k, v in post["calibration"].items() if not isinstance(v, np.ndarray)}
+    arrays = {k: v for k, v in post["calibration"].items() if isinstance(v, np.ndarray)}
+    if arrays:
+        atomic_savez(out / CALIBRATION_FILE, **arrays)
+        cal.update(file=CALIBRATION_FILE, sha256=file_sha256(out / CALIBRATION_FILE))
+    post["calibration"] = cal
+    return {"postprocess": post, "engine_members": list(predictor.engine_members),
+            "engine_names": list(predictor.engine_names)}
 
 
 def _plain(obj: Any) -> Any:
@@ -205,13 +239,14 @@ def _oof_logits(engine, photos: list[Path], cfg, batch_size: int) -> tuple[np.nd
     return np.concatenate(out), np.concatenate(oks)
 
 
-def _int8(predictor, run: RunDir | None, out: Path, doc: dict[str, Any], mode: str, calib_photos: int,
+def _int8(predictor, runs: list[RunDir | None], out: Path, doc: dict[str, Any], mode: str, calib_photos: int,
           eval_photos: int, data_found: bool, log: Callable[[str], None]) -> dict[str, Any]:
     """Quantise every engine; score fp32 and int8 on the fold's OOF photos (calibrated by its temperature)."""
     cfg = predictor.cfg
     bs = cfg.predict.batch_size
     rows, all32, all8, all_labels = [], [], [], []
-    for entry, t_engine, temp in zip(doc["engines"], predictor.engines, predictor.temperatures, strict=True):
+    for entry, t_engine, temp, run in zip(doc["engines"], predictor.engines, predictor.temperatures, runs,
+                                          strict=True):
         fold = entry["fold"]
         fp32_path = out / entry["files"]["fp32"]["file"]
         int8_path = out / f"{entry['name']}.int8.onnx"
@@ -272,7 +307,7 @@ def export_model(
     source: Path | str, out: Path | str, int8: str | None = None, overwrite: bool = False, parity_photos: int = 8,
     calib_photos: int = 64, eval_photos: int = 256, log: Callable[[str], None] = print,
 ) -> Path:
-    """Export a run's fold engines to ``out``; returns the path of ``export.yaml``.
+    """Export a run's (or an ensemble's) fold engines to ``out``; returns the path of ``export.yaml``.
 
     ``int8``: ``static`` or ``dynamic`` also writes an int8 graph per engine and measures its change in OOF log
     loss and accuracy on up to ``eval_photos`` OOF photos per fold. ``parity_photos`` OOF photos (synthetic ones
@@ -283,15 +318,16 @@ def export_model(
         raise CarclfError(f"--int8 {int8!r}: use static or dynamic")
     source, out = Path(source), Path(out)
     predictor = Predictor(source, device="cpu")
-    run: RunDir | None = getattr(predictor, "run", None)
+    runs = _engine_runs(predictor)
     _prepare_out(out, overwrite, source)
     atomic_write_text(out / EXPORT_MARKER, json.dumps({"kind": "export", "source": str(source.resolve()),
                                                        "created": datetime.now(UTC).isoformat(timespec="seconds")}))
     from carclf.runtime import versions
 
     engines, templates = [], {}
-    for name, fold, engine, temp, size in zip(_engine_names(predictor), predictor.folds, predictor.engines,
-                                              predictor.temperatures, predictor.eval_sizes, strict=True):
+    for i, (name, fold, engine, temp, size) in enumerate(zip(_engine_names(predictor), predictor.folds,
+                                                             predictor.engines, predictor.temperatures,
+                                                             predictor.eval_sizes, strict=True)):
         engine.amp = None  # the graph is fp32; compare with fp32 PyTorch
         h, w = int(engine.dcfg["input_size"][1]), int(engine.dcfg["input_size"][2])
         t0 = time.perf_counter()
@@ -316,31 +352,38 @@ def export_model(
             "opset": opset,
             "files": {"fp32": {"file": path.name, "sha256": file_sha256(path), "bytes": path.stat().st_size}},
         })
+        if predictor.postprocess:
+            engines[-1]["member"] = predictor.engine_names[i].rsplit("/", 1)[0]
     import onnx
     import onnxruntime
 
     doc: dict[str, Any] = {
         "format": EXPORT_FORMAT,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "source": {"kind": "run", "path": str(source.resolve())},
+        "source": {"kind": "ensemble" if predictor.postprocess else "run", "path": str(source.resolve())},
         "classes": list(predictor.classes),
         "output_classes": list(predictor.output_classes),
         "merge": predictor.merge.to_dict(),
         "engines": engines,
-        "averaging": "mean of the engines' calibrated probabilities, then merged classes shared out (Predictor)",
+        "averaging": ("per member: mean of its engines' tempered probabilities, shared out over the submission's "
+                      "columns; members combined and calibrated as 'predictor.postprocess' says (Predictor)"
+                      if predictor.postprocess else
+                      "mean of the engines' calibrated probabilities, then merged classes shared out (Predictor)"),
         "versions": {**versions(), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
         "config": predictor.cfg.to_dict(),
     }
+    if predictor.postprocess:
+        doc["predictor"] = _ensemble_state(predictor, out)
     _write_doc(out, doc)
 
     # Parity on real photos: a few out-of-fold photos of every engine's fold, when the data is still there.
     sources: list = []
-    if run is not None:
-        per = max(1, -(-parity_photos // len(predictor.folds)))
-        for k in predictor.folds:
-            if k != FULL:
-                with contextlib.suppress(OSError, KeyError, ValueError):
-                    sources += oof_photos(run, k, per).paths
+    pairs = list(dict.fromkeys((r, k) for r, k in zip(runs, predictor.folds, strict=True)
+                               if r is not None and k != FULL))
+    per = max(1, -(-parity_photos // max(1, len(pairs))))
+    for r, k in pairs:
+        with contextlib.suppress(OSError, KeyError, ValueError):
+            sources += [p for p in oof_photos(r, k, per).paths if p not in sources]
     data_found = bool(sources)
     kind = "out-of-fold"
     if not sources:
@@ -354,6 +397,6 @@ def export_model(
         raise CarclfError(f"parity check failed: max |p_onnx - p_torch| = {doc['parity']['max_abs_diff']:.2e} >= "
                           f"{PARITY_TOLERANCE:g}; '{out}' is marked as failed and will not load")
     if int8:
-        doc["int8"] = _int8(predictor, run, out, doc, int8, calib_photos, eval_photos, data_found, log)
+        doc["int8"] = _int8(predictor, runs, out, doc, int8, calib_photos, eval_photos, data_found, log)
         _write_doc(out, doc)
     return out / EXPORT_FILE

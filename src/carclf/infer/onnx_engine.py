@@ -222,6 +222,11 @@ def load_exported_predictor(export_dir: Path | str, precision: str = "fp32", thr
     p.views = list(entries[0]["views"])
     for key, value in (doc.get("predictor") or {}).items():  # further post-processing state (ensembles)
         setattr(p, key, value)
+    if p.postprocess:  # an ensemble: its vector / matrix calibration arrays live beside export.yaml
+        from carclf.ensemble.spec import load_calibration
+
+        p.postprocess["calibration"] = load_calibration(export_dir, p.postprocess["calibration"],
+                                                        "Export the ensemble again.", EXPORT_FILE)
     p.engines = load_engines(export_dir, doc, precision, threads)
     p.precision = precision
     p.version = model_version(export_dir)

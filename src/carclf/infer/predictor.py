@@ -150,6 +150,7 @@ class Predictor:
         if not used:
             raise CarclfError(f"{path / 'ensemble.yaml'}: no member has a weight above 0")
         runs = [RunDir.open(member_run(path, m)) for m in used]
+        self.member_runs = runs  # per used member (export finds each engine's OOF and training photos there)
         for m, rd in zip(used, runs, strict=True):  # every checksum before the first (slow) model load
             for k in m["folds"]:
                 verify_checksum(path, m, k, rd.fold(int(k)).best)
