@@ -174,7 +174,7 @@ def train(
                 return rd.fold(k).complete
 
             if on_main(claim):
-                log(f"fold {k}: already complete, skipping")
+                log(f"{fold_name(k)}: already complete, skipping")
                 continue
             with start_tracker(cfg, rd, k, log, enabled=info.is_main) as tracker:
                 summary = train_fold(cfg, k, data, rd, on_epoch_end=on_epoch_end, log=log, device=device,
@@ -506,7 +506,7 @@ def train_fold(
         best.setdefault("weights", primary)  # a last.pt from before SWA
         if state.get("stopped"):  # early-stopped before the interruption: go straight to the OOF logits
             start_epoch = t.epochs
-        log(f"fold {k}: resuming after epoch {state['epoch'] + 1}")
+        log(f"{fold_name(k)}: resuming after epoch {state['epoch'] + 1}")
     lr_note = "" if not t.lr_base_size else (
         f" = train.lr {t.lr:g} x {t.lr_base_scale} scaling to global batch {global_batch(cfg)} from {t.lr_base_size}"
     )
@@ -525,7 +525,7 @@ def train_fold(
         train_loader.sampler.set_size(epoch_size if schedule else 0)
         switches = set_epoch_switches(parts, cfg, epoch)
         out = train_one_epoch(
-            parts, train_loader, cfg, device, step, epoch, desc=f"fold {k} epoch {epoch + 1}/{t.epochs}"
+            parts, train_loader, cfg, device, step, epoch, desc=f"{fold_name(k)} epoch {epoch + 1}/{t.epochs}"
         )
         step = out["step"]
         if parts["swa"] is not None and epoch >= t.swa_start_epoch:
@@ -599,7 +599,7 @@ def train_fold(
                 else ""
         _write_metrics(fp.metrics, history)
         if bad:
-            log(f"fold {k}: {len(bad)} photo(s) failed to decode during training (see skipped.csv)")
+            log(f"{fold_name(k)}: {len(bad)} photo(s) failed to decode during training (see skipped.csv)")
             rd.update_skipped({str(ts.paths[i]): "failed to decode during training" for i in bad})
         eval_size, size_scores, loader = choose_eval_size(
             cfg, fp, val_ds, val_loader, val_labels, size, len(classes), device, log
