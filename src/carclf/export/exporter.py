@@ -353,7 +353,7 @@ def export_model(
             "files": {"fp32": {"file": path.name, "sha256": file_sha256(path), "bytes": path.stat().st_size}},
         })
         if predictor.postprocess:
-            engines[-1]["member"] = predictor.engine_names[i].rsplit("/", 1)[0]
+            engines[-1]["member"] = predictor.postprocess["members"][predictor.engine_members[i]]["name"]
     import onnx
     import onnxruntime
 
