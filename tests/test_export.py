@@ -297,6 +297,7 @@ def test_ensemble_export_gives_the_torch_ensembles_probabilities(ensemble_dir, s
     assert {tuple(e["data_config"]["input_size"]) for e in doc["engines"]} == {(3, 64, 64), (3, 80, 80)}
     assert doc["parity"]["passed"]
     assert doc["parity"]["photos"] == "out-of-fold"
+    assert doc["parity"]["n"] == 8  # both members validated the same photos: 8 distinct ones, not 4 twice
     assert doc["predictor"]["postprocess"]["calibration"]["kind"] == "vector"
     assert (out / "calibration.npz").is_file()
 

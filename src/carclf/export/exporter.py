@@ -380,8 +380,11 @@ def export_model(
     sources: list = []
     pairs = list(dict.fromkeys((r, k) for r, k in zip(runs, predictor.folds, strict=True)
                                if r is not None and k != FULL))
-    per = max(1, -(-parity_photos // max(1, len(pairs))))
-    for r, k in pairs:
+    folds_per_run = {}
+    for r, k in pairs:  # ensemble members often validated the same photos: spread over distinct (data, fold) pairs
+        folds_per_run.setdefault((str(r.read_config().data.root), k), (r, k))
+    per = max(1, -(-parity_photos // max(1, len(folds_per_run))))
+    for r, k in folds_per_run.values():
         with contextlib.suppress(OSError, KeyError, ValueError):
             sources += [p for p in oof_photos(r, k, per).paths if p not in sources]
     data_found = bool(sources)
