@@ -318,3 +318,20 @@ def test_ensemble_export_gives_the_torch_ensembles_probabilities(ensemble_dir, s
     # --overwrite of an ensemble export clears its own files, calibration.npz included
     export_model(ensemble_dir, out, overwrite=True, log=lines.append)
     assert _doc(out)["parity"]["passed"]
+
+
+def test_folds_with_a_frozen_stem_reuse_one_trace(synth_data, tmp_path):
+    """A frozen stem's BatchNorm is folded into constants by the exporter; the frozen layers are the same in every
+    fold, so the second fold still reuses the first fold's trace (with its own weights), and parity holds."""
+    from carclf.config import load_config
+    from carclf.export.exporter import export_model
+    from carclf.train.loop import train
+
+    run = train(load_config(None, tiny_overrides(synth_data, tmp_path, **{"train.folds": "all", "model.freeze": 2})),
+                log=lambda s: None)
+    lines: list[str] = []
+    export_model(run, tmp_path / "export", log=lines.append)
+    assert any(line.startswith("exported fold1") and "fold0.onnx with fold1's weights" in line for line in lines)
+    doc = _doc(tmp_path / "export")
+    assert doc["parity"]["passed"]
+    assert max(doc["parity"]["max_logit_diff"]) < 1e-3

@@ -90,7 +90,8 @@ def export_graph(module: nn.Module, height: int, width: int, path: Path) -> int:
     return int(opset)
 
 
-def retarget_graph(template: Path, module: nn.Module, path: Path) -> bool:
+def retarget_graph(template: Path, module: nn.Module, path: Path,
+                   template_state: dict[str, torch.Tensor] | None = None) -> bool:
     """Write ``template`` (the graph of another engine of the same architecture, input size and views) with
     ``module``'s weights to ``path``: the exporter names every initialiser after its parameter or buffer, so one
     trace serves every fold of a run (each export takes 10-20 s on 2 cores, a copy well under one). False, and
@@ -110,7 +111,12 @@ def retarget_graph(template: Path, module: nn.Module, path: Path) -> bool:
             return False
         init.CopyFrom(numpy_helper.from_array(new, init.name))
         seen.add(init.name)
-    if not {k for k in state if k.startswith("model.")} <= seen:  # a weight folded into a constant: trace it
+    # Weights the exporter folded into constants (frozen BatchNorm layers of a frozen stem) are not initialisers:
+    # the copy is right only if they equal the template's (frozen pretrained layers are the same in every fold and
+    # member); otherwise trace.
+    folded = {k for k in state if k.startswith("model.")} - seen
+    if folded and (template_state is None
+                   or any(k not in template_state or not torch.equal(state[k], template_state[k]) for k in folded)):
         return False
     atomic_write(path, lambda fh: fh.write(proto.SerializeToString()), "wb")
     return True
@@ -335,11 +341,11 @@ def export_model(
         module = EngineModule(engine.model, engine.dcfg, engine.views)
         key = _structure(engine, module)
         how = "traced"
-        if key in templates and retarget_graph(templates[key][0], module, path):
+        if key in templates and retarget_graph(templates[key][0], module, path, templates[key][2]):
             opset, how = templates[key][1], f"{templates[key][0].name} with {name}'s weights"
         else:
             opset = export_graph(module, h, w, path)
-            templates.setdefault(key, (path, opset))
+            templates.setdefault(key, (path, opset, {k: v.detach().clone() for k, v in module.state_dict().items()}))
         log(f"exported {name}: {h}x{w}, views {','.join(engine.views)} -> {path} ({how}, "
             f"{time.perf_counter() - t0:.1f} s)")
         engines.append({
