@@ -25,7 +25,6 @@ from carclf.ensemble.fit import (
 )
 from carclf.ensemble.members import Member, align, check_classes, load_member, member_names, parse_member
 from carclf.ensemble.spec import (
-    CALIBRATION_FILE,
     ENSEMBLE_FILE,
     FORMAT,
     KIND,
@@ -33,6 +32,7 @@ from carclf.ensemble.spec import (
     OOF_FILE,
     read_ensemble,
     relative_run,
+    save_calibration,
 )
 from carclf.errors import CarclfError
 from carclf.io import atomic_savez, atomic_write, atomic_write_text
@@ -165,13 +165,7 @@ def build_ensemble(
     if out.is_dir() and any(out.iterdir()):
         _clear(out)  # checked above: only an earlier ensemble's own files
     out.mkdir(parents=True, exist_ok=True)
-    cal = doc["calibration"]
-    if final.calibration["kind"] in ("vector", "matrix"):
-        arrays = {k: v for k, v in final.calibration.items() if isinstance(v, np.ndarray)}
-        atomic_savez(out / CALIBRATION_FILE, **arrays)
-        from carclf.io import file_sha256
-
-        cal.update(file=CALIBRATION_FILE, sha256=file_sha256(out / CALIBRATION_FILE))
+    doc["calibration"] = save_calibration(out, final.calibration)  # vector / matrix arrays: calibration.npz
     feats = members[0].features[al.index[0]] if members[0].features is not None else None
     atomic_savez(out / OOF_FILE, paths=al.paths.astype(str), labels=prob.labels, folds=prob.groups,
                  probs=result.probs, probs_raw=raw.probs,
@@ -202,15 +196,13 @@ def _document(members, al, prob, classes, chosen, final, out, table, figures, ne
             "model_classes": len(m.classes), "merged_groups": m.merge.groups,
             "oof_log_loss": None if final.member_loss[i] is None else float(final.member_loss[i]),
         })
-    cal = {k: (float(v) if isinstance(v, float | np.floating) else v) for k, v in final.calibration.items()
-           if not isinstance(v, np.ndarray)}
     return {
         "kind": KIND, "format": FORMAT,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "carclf": __version__,
         "classes": list(classes),
         "space": chosen.space,
         "eps": float(final.eps),
-        "calibration": cal,
+        "calibration": None,  # build_ensemble: save_calibration, once the folder is ready for its arrays
         "members": mdocs,
         "chosen": chosen.label(prob.names),
         "recipe": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(chosen).items()},

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from carclf.errors import CarclfError
-from carclf.io import file_sha256, read_yaml
+from carclf.io import atomic_savez, file_sha256, read_yaml
 
 ENSEMBLE_FILE = "ensemble.yaml"
 KIND = "carclf ensemble"
@@ -77,6 +77,19 @@ def verify_checksum(ens_dir: Path, member: dict[str, Any], fold: int, best: Path
             f"{ens_dir / ENSEMBLE_FILE}: '{best}' has changed since the ensemble was made (sha256 {have[:12]}..., "
             f"recorded {want[:12]}...): its weights, temperatures and TTA were chosen for the old model. Rebuild the "
             "ensemble with carclf ensemble --overwrite.")
+
+
+def save_calibration(folder: Path, cal: dict[str, Any]) -> dict[str, Any]:
+    """The final calibration as YAML data, its arrays (vector / matrix parameters) written to
+    ``folder/calibration.npz`` and named there with their sha256: the inverse of :func:`load_calibration`, for an
+    ensemble folder and for an export of one."""
+    plain = {k: (float(v) if isinstance(v, float | np.floating) else v) for k, v in cal.items()
+             if not isinstance(v, np.ndarray)}
+    arrays = {k: v for k, v in cal.items() if isinstance(v, np.ndarray)}
+    if arrays:
+        atomic_savez(folder / CALIBRATION_FILE, **arrays)
+        plain.update(file=CALIBRATION_FILE, sha256=file_sha256(folder / CALIBRATION_FILE))
+    return plain
 
 
 def load_calibration(ens_dir: Path, cal: dict[str, Any], fix: str = "Rebuild the ensemble with carclf ensemble "

@@ -30,6 +30,7 @@ import yaml
 from torch import nn
 
 from carclf.analyze.metrics import score, softmax
+from carclf.ensemble.spec import CALIBRATION_FILE, save_calibration
 from carclf.errors import CarclfError
 from carclf.export.photos import FoldPhotos, oof_photos, synthetic_photos, training_photos
 from carclf.export.quantize import INT8_MODES, quantize_engine
@@ -49,7 +50,6 @@ from carclf.rundir import FULL, RunDir, clear_owned_folder
 
 INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
 ENGINE_FILE_RE = re.compile(r"(m\d+\.)?(fold\d+|full)(\.int8)?\.onnx")
-CALIBRATION_FILE = "calibration.npz"  # an ensemble's vector / matrix calibration
 
 
 class EngineModule(nn.Module):
@@ -180,15 +180,8 @@ def _prepare_out(out: Path, overwrite: bool, source: Path) -> None:
 def _ensemble_state(predictor, out: Path) -> dict[str, Any]:
     """An ensemble Predictor's numpy post-processing as export.yaml data (``load_exported_predictor`` sets these
     attributes back); vector / matrix calibration arrays go to ``calibration.npz`` with their checksum."""
-    from carclf.io import atomic_savez
-
     post = dict(predictor.postprocess)
-    cal = {k: v for k, v in post["calibration"].items() if not isinstance(v, np.ndarray)}
-    arrays = {k: v for k, v in post["calibration"].items() if isinstance(v, np.ndarray)}
-    if arrays:
-        atomic_savez(out / CALIBRATION_FILE, **arrays)
-        cal.update(file=CALIBRATION_FILE, sha256=file_sha256(out / CALIBRATION_FILE))
-    post["calibration"] = cal
+    post["calibration"] = save_calibration(out, post["calibration"])
     return {"postprocess": post, "engine_members": list(predictor.engine_members),
             "engine_names": list(predictor.engine_names)}
 
@@ -384,11 +377,10 @@ def export_model(
 
     # Parity on real photos: a few out-of-fold photos of every engine's fold, when the data is still there.
     sources: list = []
-    pairs = list(dict.fromkeys((r, k) for r, k in zip(runs, predictor.folds, strict=True)
-                               if r is not None and k != FULL))
-    folds_per_run = {}
-    for r, k in pairs:  # ensemble members often validated the same photos: spread over distinct (data, fold) pairs
-        folds_per_run.setdefault((str(r.read_config().data.root), k), (r, k))
+    folds_per_run = {}  # ensemble members often validated the same photos: one entry per distinct (data, fold)
+    for r, k in zip(runs, predictor.folds, strict=True):
+        if r is not None and k != FULL:
+            folds_per_run.setdefault((str(r.read_config().data.root), k), (r, k))
     per = max(1, -(-parity_photos // max(1, len(folds_per_run))))
     for r, k in folds_per_run.values():
         with contextlib.suppress(OSError, KeyError, ValueError):
