@@ -54,3 +54,30 @@ def test_the_main_process_rng_is_left_alone(synth_data):
     torch.manual_seed(0)
     ds[(0, 123)]
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_bad_first_photo_keeps_the_batch_shape_of_a_wide_input(synth_data, tmp_path):
+    """An undecodable photo stands in as zeros shaped like the good photos, also when it is the first of a batch and
+    the input is wide (height != width): the batch still stacks, in the DataLoader and in eval_batches alike, and
+    both give the same batches."""
+    from carclf.data.dataset import eval_batches
+    from carclf.data.transforms import eval_transform
+
+    cfg = load_config(None, ["data.img_size=64", "data.aspect=1.5"])
+    dcfg = data_config_for(cfg)
+    good = scan_train(synth_data).paths[:5]
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(good[0].read_bytes()[:200])
+    sources = [truncated, *good[:3], truncated, *good[3:]]
+    ds = ImageDataset(sources, None, eval_transform(dcfg), 64)
+    loaded = list(make_loader(ds, 4, 0))
+    direct = list(eval_batches(ImageDataset(sources, None, eval_transform(dcfg), 64), 4))
+    assert len(loaded) == len(direct) == 2
+    for a, b in zip(loaded, direct, strict=True):
+        assert a[0].shape[1:] == (3, 64, 96)
+        for ta, tb in zip(a, b, strict=True):
+            assert torch.equal(ta, tb)
+    ok = torch.cat([b[3] for b in direct])
+    assert ok.tolist() == [False, True, True, True, False, True, True]
+    assert not direct[0][0][0].any()
+    assert direct[0][0][1].any()
