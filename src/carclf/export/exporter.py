@@ -131,12 +131,12 @@ def _structure(engine, module: nn.Module) -> tuple:
 
 def _batches(sources: list, dcfg: dict[str, Any], cfg, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(uint8 NCHW batch, ok mask) over ``sources``, decoded and transformed as the Predictor does."""
-    from carclf.data.dataset import ImageDataset, make_loader
+    from carclf.data.dataset import ImageDataset, eval_batches
     from carclf.data.transforms import eval_transform
 
     ds = ImageDataset(sources, None, eval_transform(dcfg), int(dcfg["input_size"][1]), cfg.data.draft_factor,
                       max_pixels=cfg.data.max_pixels)
-    for x, _, _, ok in make_loader(ds, batch_size, 0):
+    for x, _, _, ok in eval_batches(ds, batch_size):
         yield x.numpy(), ok.numpy().astype(bool)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from carclf.analyze.metrics import softmax
-from carclf.data.dataset import ImageDataset, make_loader
+from carclf.data.dataset import ImageDataset, eval_batches, make_loader
 from carclf.data.imageio import ImageSource
 from carclf.data.merges import MergeMap, identity
 from carclf.data.transforms import batch_normalize, data_config_for, eval_transform
@@ -230,14 +230,15 @@ class Predictor:
         return int(self.postprocess["engine_members"][i]) if self.postprocess else 0
 
     # ----------------------------------------------------------------------------------------------- predicting
-    def _group_probs(self, loader, engines: list[int], progress: bool, label: str
+    def _group_probs(self, loader, engines: list[int], progress: bool, label: str, batches: int
                      ) -> tuple[dict[int, np.ndarray], np.ndarray]:
         """One pass over the photos: per member, the sum of the tempered probabilities of its engines in this group,
         on each batch (decoding once, not once per engine)."""
         if progress:
             from tqdm.auto import tqdm
 
-            loader = tqdm(loader, desc=f"predict @ {label}", leave=False, dynamic_ncols=True, disable=None)
+            loader = tqdm(loader, desc=f"predict @ {label}", total=batches, leave=False, dynamic_ncols=True,
+                          disable=None)
         members = sorted({self._member_of(i) for i in engines})
         probs: dict[int, list] = {m: [] for m in members}
         idx, oks = [], []
@@ -273,9 +274,11 @@ class Predictor:
             draft, max_pixels = self._decode_params(engines[0])
             ds = ImageDataset(sources, None, eval_transform(dcfg), int(dcfg["input_size"][1]), draft,
                               max_pixels=max_pixels)
-            loader = make_loader(ds, self.cfg.predict.batch_size, workers, pin_memory=self.device.type == "cuda")
+            bs = self.cfg.predict.batch_size
+            loader = (make_loader(ds, bs, workers, pin_memory=self.device.type == "cuda") if workers
+                      else eval_batches(ds, bs))  # in this thread: no DataLoader overhead (the service's batches)
             label = f"{key[0][1]}px" if key[0][1] == key[0][2] else f"{key[0][1]}x{key[0][2]}px"
-            part, ok_group = self._group_probs(loader, engines, progress, label)
+            part, ok_group = self._group_probs(loader, engines, progress, label, -(-len(ds) // bs))
             for m, p in part.items():
                 sums[m] = sums.get(m, 0.0) + p
             ok &= ok_group
