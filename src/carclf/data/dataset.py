@@ -160,10 +160,11 @@ def make_loader(
 
 def eval_batches(ds: ImageDataset, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
     """The batches ``make_loader(ds, batch_size, 0)`` yields, (x, y, index, ok), decoded in this thread without a
-    DataLoader: no per-photo save, seed and restore of the RNGs (an eval transform draws no random numbers) and
-    ``torch.stack`` for ``default_collate``. Prediction in memory (the service's micro-batches) uses it: there the
+    DataLoader: no per-photo save, seed and restore of the RNGs (an eval transform draws no random numbers), and
+    the photos stacked by numpy in this thread, not by torch's intra-op pool, whose idle threads spin against an
+    ONNX Runtime session on the same cores. Prediction in memory (the service's micro-batches) uses it: there the
     DataLoader's per-photo overhead was about a third of a batch's time."""
     for start in range(0, len(ds), batch_size):
         items = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
-        yield (torch.stack([it[0] for it in items]), torch.tensor([it[1] for it in items]),
+        yield (torch.from_numpy(np.stack([it[0].numpy() for it in items])), torch.tensor([it[1] for it in items]),
                torch.tensor([it[2] for it in items]), torch.tensor([it[3] for it in items]))
