@@ -99,6 +99,11 @@ def test_endpoints(client_for, predictor):
     assert 'carclf_http_requests_total{route="/healthz",status="200"} 1.0' in metrics
     assert f'carclf_model_info{{engine="onnx",version="{predictor.version}"}} 1.0' in metrics
     assert c.get("/nope").json()["error"] == "not_found"
+    assert c.post("/v1/predict", content=b"x").status_code == 415
+    metrics = c.get("/metrics").text
+    assert 'carclf_http_requests_total{route="other",status="404"} 1.0' in metrics
+    assert 'carclf_http_requests_total{route="/v1/predict",status="415"} 1.0' in metrics
+    assert 'carclf_http_request_seconds_count{route="/v1/predict"} 1.0' in metrics
 
 
 def test_predict_one_and_several(client_for, predictor, synth_data):

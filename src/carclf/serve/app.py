@@ -230,6 +230,33 @@ class BodyLimit:
         return await self.app(scope, counted, send)
 
 
+class RequestMetrics:
+    """ASGI middleware counting requests by route and status and timing them. Plain ASGI rather than Starlette's
+    ``@app.middleware("http")``, which runs every request through an extra task group and memory streams."""
+
+    def __init__(self, app, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        status = 500  # what an exception escaping the app becomes
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            path = getattr(scope.get("route"), "path", "other")  # the router sets the matched route in the scope
+            self.metrics.requests.labels(route=path, status=str(status)).inc()
+            self.metrics.latency.labels(route=path).observe(time.perf_counter() - t0)
+
+
 async def _send_json(send, status: int, body: dict) -> None:
     import json
 
@@ -363,20 +390,6 @@ def create_app(predictor, settings: ServeSettings | None = None):
         where = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         return JSONResponse({"error": "invalid_parameter", "detail": where}, status_code=422)
 
-    @app.middleware("http")
-    async def _count(request: Request, call_next):
-        t0 = time.perf_counter()
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            route = request.scope.get("route")
-            path = getattr(route, "path", "other")
-            metrics.requests.labels(route=path, status=str(status)).inc()
-            metrics.latency.labels(route=path).observe(time.perf_counter() - t0)
-
     def require_key(request: Request) -> None:
         if settings.api_key is None:
             return
@@ -460,6 +473,7 @@ def create_app(predictor, settings: ServeSettings | None = None):
         return {"model": {"version": version, "engine": engine, "precision": precision},
                 "predictions": predictions, "elapsed_ms": round((time.perf_counter() - t0) * 1000, 1)}
 
+    app.add_middleware(RequestMetrics, metrics=metrics)
     # Outermost, so an oversized request is refused before anything reads it.
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes,
                        on_refuse=lambda: (metrics.errors.labels(code="request_too_large").inc(),
