@@ -1,7 +1,7 @@
 """Benchmark: ``carclf serve`` under load from a separate process on loopback.
 
     flock /tmp/carclf-bench.lock python benchmarks/serve_load.py EXPORT_OR_RUN [--requests 2000] [--concurrency 16]
-        [--int8] [--max-batch 16] [--max-wait-ms 5]
+        [--int8] [--max-batch 8] [--max-wait-ms 5]
 
 Starts ``carclf serve`` on a free 127.0.0.1 port in its own process, waits for /readyz, then sends ``--requests``
 POST /v1/predict requests (one real cars196 photo each, drawn from fold 0's out-of-fold photos) from
@@ -38,6 +38,12 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` and its threads so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -96,7 +102,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--int8", action="store_true")
-    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "serve_load.json"))
     args = ap.parse_args()
@@ -120,9 +126,11 @@ def main() -> None:
         asyncio.run(load(url, items, 32, min(args.concurrency, 8)))  # warm-up: buffers, connections
         rss_before = rss_mb(server.pid)
         b0 = batch_sizes(httpx.get(f"{url}/metrics").text)
+        cpu0, client0 = cpu_seconds(server.pid), time.process_time()
         t = time.perf_counter()
         latencies, errors = asyncio.run(load(url, items, args.requests, args.concurrency))
         wall = time.perf_counter() - t
+        cpu1, client1 = cpu_seconds(server.pid), time.process_time()
         rss_after = rss_mb(server.pid)
         b1 = batch_sizes(httpx.get(f"{url}/metrics").text)
         model = httpx.get(f"{url}/v1/model").json()
@@ -143,6 +151,9 @@ def main() -> None:
         "p99_ms": float(np.percentile(lat, 99)), "max_ms": float(lat.max()), "errors": len(errors),
         "rss_mb_before": rss_before, "rss_mb_after": rss_after,
         "mean_batch": (b1[1] - b0[1]) / batches if batches else 0.0, "batches": int(batches),
+        # CPU time per request: where the 2 cores went (the load generator shares them with the service)
+        "server_cpu_ms_per_request": (cpu1 - cpu0) / args.requests * 1000,
+        "client_cpu_ms_per_request": (client1 - client0) / args.requests * 1000,
         "cores": os.cpu_count(),
     }
     Path(args.out).write_text(json.dumps(result, indent=1))

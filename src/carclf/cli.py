@@ -157,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-key-env", metavar="VAR", help="require header X-API-Key equal to environment variable VAR")
     sv.add_argument("--int8", action="store_true", help="serve the export's int8 graphs")
     sv.add_argument("--threads", type=int, help="inference threads per worker (default: physical cores / workers)")
-    sv.add_argument("--max-batch", type=int, default=16, help="photos per micro-batch")
+    sv.add_argument("--max-batch", type=int, default=8,
+                    help="photos per micro-batch (8 suits CPUs, where larger batches add latency, not speed; raise it "
+                    "on a GPU)")
     sv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a micro-batch waits for more photos")
     sv.add_argument("--max-files", type=int, default=16, help="photos per request")
     sv.add_argument("--max-file-mb", type=float, default=10.0, help="size limit per photo")
