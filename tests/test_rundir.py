@@ -104,8 +104,7 @@ def test_overwrite_clears_the_runs_own_report_but_not_a_folder_a_user_put_there(
 
 def test_report_writes_only_names_the_run_overwrite_knows():
     """Every file the report writes is in carclf.rundir.REPORT_FILES (else train --overwrite would refuse)."""
-    from carclf.analyze.report import PLOTS
-    from carclf.analyze.report_features import FEATURE_CACHE
+    from carclf.analyze.report import FEATURE_CACHE, PLOTS
     from carclf.rundir import REPORT_FILES
 
     assert {FEATURE_CACHE, *PLOTS.values()} <= REPORT_FILES

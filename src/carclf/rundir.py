@@ -47,9 +47,13 @@ TOP_FILES = {"config.yaml", "run.json", "folds.csv", "skipped.csv", "evaluation.
 # `carclf report RUN` writes RUN/report/ (carclf.analyze.report): --overwrite of the run deletes it with the run (it
 # describes the old run's OOF predictions), but only when it carries the report's marker and holds only its files.
 REPORT_DIR = "report"
+# The report's file names are defined here, once, so that this module need not import the report (matplotlib).
 REPORT_MARKER = ".carclf-report"
+REPORT_PLOTS = {"curves": "curves.png", "calibration": "calibration.png", "worst": "worst_classes.png",
+                "embedding": "embedding.png"}
+REPORT_FEATURE_CACHE = "features.npz"
 REPORT_FILES = {"report.html", "report.json", "per_class.csv", "label_issues.csv", "confusable.yaml", "thumbs",
-                "features.npz", "curves.png", "calibration.png", "worst_classes.png", "embedding.png", REPORT_MARKER}
+                REPORT_FEATURE_CACHE, *REPORT_PLOTS.values(), REPORT_MARKER}
 FOLD_FILES = {"best.pt", "last.pt", "metrics.csv", "oof.npz", "summary.json", "calibration.json", "curves.png",
               "mlflow_run.json"}
 RUN_LOCK_TIMEOUT = 120.0  # seconds to wait for another process's short update of the shared files

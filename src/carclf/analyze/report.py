@@ -27,14 +27,14 @@ import numpy as np
 from carclf.analyze import report_stats as st
 from carclf.analyze.oofset import OofSet, load_oof
 from carclf.analyze.prepare_report import _CSS, _Disk
-from carclf.analyze.report_features import FEATURE_CACHE, compute_features, resolve_photo, tsne_map
+from carclf.analyze.report_features import compute_features, resolve_photo, tsne_map
 from carclf.errors import CarclfError
 from carclf.io import atomic_write, atomic_write_text
+from carclf.rundir import REPORT_FEATURE_CACHE as FEATURE_CACHE
 from carclf.rundir import REPORT_FILES, REPORT_MARKER
+from carclf.rundir import REPORT_PLOTS as PLOTS
 
-PLOTS = {"curves": "curves.png", "calibration": "calibration.png", "worst": "worst_classes.png",
-         "embedding": "embedding.png"}
-# REPORT_FILES (every name written here) lives in carclf.rundir: `train --overwrite` of a run deletes its report/
+# The file names written here (REPORT_FILES) live in carclf.rundir: `train --overwrite` of a run deletes its report/
 # folder only when it holds nothing else
 TOP_PAIRS = 15  # confused pairs shown with photos
 PAIR_PHOTOS = 3  # misclassified photos per direction of a pair

@@ -18,7 +18,6 @@ from carclf.analyze.oofset import OofSet
 from carclf.errors import CarclfError
 from carclf.io import atomic_savez
 
-FEATURE_CACHE = "features.npz"
 MAX_TSNE_POINTS = 5000  # t-SNE (Barnes-Hut) of 8,000 photos takes minutes on 2 cores; a stratified sample shows
 #                         the same structure
 
