@@ -87,9 +87,12 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.sources)
 
+    def _transform(self) -> Callable:
+        """The transform of the current input size (progressive resizing), else the dataset's own."""
+        return self.transform if self._size is None else self.transforms[self._size]
+
     def _load(self, i: int) -> torch.Tensor:
-        transform = self.transform if self._size is None else self.transforms[self._size]
-        x = transform(load_rgb(self.sources[i], self.target, self.draft_factor, self.max_pixels))
+        x = self._transform()(load_rgb(self.sources[i], self.target, self.draft_factor, self.max_pixels))
         self._shapes[self._size] = tuple(x.shape)
         return x
 
@@ -98,9 +101,9 @@ class ImageDataset(Dataset):
         size are (non-square inputs too), learnt from a grey stand-in when no photo has decoded yet."""
         shape = self._shapes.get(self._size)
         if shape is None:
-            transform = self.transform if self._size is None else self.transforms[self._size]
             side = 2 * max(self.target, 1)
-            shape = self._shapes[self._size] = tuple(transform(Image.new("RGB", (side, side), (128, 128, 128))).shape)
+            grey = Image.new("RGB", (side, side), (128, 128, 128))
+            shape = self._shapes[self._size] = tuple(self._transform()(grey).shape)
         return torch.zeros(shape, dtype=torch.uint8)
 
     def _get(self, i: int):
