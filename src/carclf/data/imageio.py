@@ -28,8 +28,9 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 ImageSource = str | Path | bytes | bytearray | memoryview | BinaryIO | Image.Image
 
-# The formats carclf opens (Pillow plugin names; MPO is the JPEG variant phones write). The README lists them.
-FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+# The formats carclf opens (Pillow plugin names; the JPEG opener also yields MPO, the JPEG variant phones write).
+# The README lists them.
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 FORMAT_LIST = "JPEG, PNG, WebP, BMP, GIF, TIFF"
 # Longest side / shortest side beyond which a photo is refused: car photos are at most panoramas of ~4:1, and the
 # bound keeps what the resize to the input produces within MAX_ASPECT times the input's area.
@@ -46,10 +47,11 @@ def open_image(src: str | Path | BinaryIO):
     :class:`UnreadablePhoto`, never a plugin's own ``NotImplementedError`` and the like."""
     from PIL import UnidentifiedImageError
 
+    Image.init()  # registers the plugins of every format in FORMATS (only those are then tried)
     try:
         img = Image.open(src, formats=FORMATS)
-    except (UnidentifiedImageError, Image.DecompressionBombError, FileNotFoundError, PermissionError):
-        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning, OSError):
+        raise  # not a plugin's failure: the caller says why (unknown format, bomb, unreadable file)
     except Exception as exc:  # noqa: BLE001 - a plugin failing on a malformed header is a bad file
         raise UnreadablePhoto(f"malformed image header ({type(exc).__name__}: {exc})") from None
     with img:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from carclf.data.imageio import load_rgb
+from carclf.data.imageio import UnreadablePhoto, load_rgb, open_image
 from carclf.data.scan import IMAGE_EXTS, column_key, nfc, os_leftover, read_csv_rows, scan_train
 from carclf.errors import CarclfError
 from carclf.io import atomic_write_text
@@ -43,6 +43,9 @@ COLUMNS = [
 _INT_COLUMNS = ("size_bytes", "mtime_ns", "width", "height", "exif_orientation")
 # Pillow's own default (MAX_IMAGE_PIXELS) is ~89.5 MP; a round 90 MP is the same guard, easier to quote.
 DEFAULT_MAX_PIXELS = 90_000_000
+# Shorter side below which a photo holds nothing to learn a car model from (the inputs are 64-600 px): listed as bad
+# (quarantined from training) instead of being upscaled into a blur and trained on without a word.
+MIN_SIDE = 32
 EXT_LIST = ", ".join(sorted(IMAGE_EXTS))
 IGNORED = "ignored"  # split and status of an OS or zip leftover: listed, never read, counted or used
 
@@ -198,8 +201,8 @@ def _bomb_reason(exc: Exception, max_pixels: int) -> str:
     m = re.search(r"\((\d+) pixels\)", str(exc))
     size = f"{int(m.group(1)) / 1e6:.1f} megapixels" if m else "its size"
     return (
-        f"refused as a possible decompression bomb: {size} exceeds max_pixels={max_pixels:,}; if the photo is "
-        "genuine, raise max_pixels (max_pixels=0 disables the guard)"
+        f"refused as a possible decompression bomb: {size} exceeds data.max_pixels={max_pixels:,}; if the photo is "
+        "genuine, raise data.max_pixels (data.max_pixels=0 disables the guard)"
     )
 
 
@@ -233,7 +236,7 @@ def probe_file(path: str, max_pixels: int = DEFAULT_MAX_PIXELS, note: str = "") 
         with warnings.catch_warnings():
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a warning is not a refusal, so make it one.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
+            with open_image(io.BytesIO(data)) as img:
                 row["format"], row["mode"] = img.format or "", img.mode
                 row["exif_orientation"] = _orientation(img)
                 row["width"], row["height"] = img.size
@@ -244,6 +247,9 @@ def probe_file(path: str, max_pixels: int = DEFAULT_MAX_PIXELS, note: str = "") 
     except UnidentifiedImageError:
         row["error"] = _sniff(data)
         return row
+    except UnreadablePhoto as exc:  # an aspect-ratio bomb, a truncated JPEG, a plugin failing on a bad header
+        row["error"] = str(exc)
+        return row
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file, listed with its message
         msg = f"{type(exc).__name__}: {exc}"
         row["error"] = f"truncated or corrupt image ({msg})" if "truncated" in msg else f"cannot decode ({msg})"
@@ -253,6 +259,10 @@ def probe_file(path: str, max_pixels: int = DEFAULT_MAX_PIXELS, note: str = "") 
     finally:
         Image.MAX_IMAGE_PIXELS = old_limit
     row["width"], row["height"] = rgb.size
+    if min(rgb.size) < MIN_SIDE:
+        row["error"] = (f"too small to learn from ({rgb.width}x{rgb.height} pixels; carclf trains on photos of at "
+                        f"least {MIN_SIDE} pixels on the short side)")
+        return row
     row["pixel_hash"], row["phash"] = image_hashes(rgb)
     row["status"] = "ok"
     return row
