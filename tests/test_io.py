@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import re
 import stat
@@ -68,3 +70,83 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, exc):
         atomic_write(target, write, "wb")
     assert target.read_bytes() == b"old weights"
     assert [p.name for p in tmp_path.iterdir()] == ["model.bin"]
+
+
+# ------------------------------------------------------------------------------------------------- a full disk
+class _FullDisk(io.FileIO):
+    """A file on a disk with ``left[0]`` bytes free: writes what fits, then fails with ENOSPC as the kernel does."""
+
+    left = [0]
+
+    def write(self, b):
+        data = memoryview(b).cast("B")
+        if not self.left[0]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        n = min(len(data), self.left[0])
+        self.left[0] -= n
+        return super().write(data[:n])
+
+
+def full_disk(monkeypatch, free: int, only=lambda path: True) -> None:
+    """Make atomic writes whose temp file ``only(path)`` accepts land on a disk with ``free`` bytes left."""
+    real = os.fdopen
+    _FullDisk.left = [free]
+
+    def fdopen(fd, mode="r", *args, **kw):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if "w" not in mode or not only(path):
+            return real(fd, mode, *args, **kw)
+        raw = io.BufferedWriter(_FullDisk(fd, "wb"))
+        return raw if "b" in mode else io.TextIOWrapper(raw, **kw)
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+
+
+needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd (Linux)")
+
+
+@needs_proc
+@pytest.mark.parametrize("kind", ["torch", "text", "npz"])
+def test_disk_full_is_one_clear_error_and_leaves_the_old_file(tmp_path, monkeypatch, kind):
+    import torch
+
+    from carclf.errors import CarclfError
+    from carclf.io import atomic_torch_save
+
+    target = tmp_path / "last.pt"
+    target.write_bytes(b"the previous epoch")
+    write = {"torch": lambda: atomic_torch_save({"w": torch.zeros(200_000)}, target),
+             "text": lambda: atomic_write_text(target, "x" * 200_000),
+             "npz": lambda: atomic_savez(target, w=np.zeros(200_000))}[kind]
+    full_disk(monkeypatch, free=50_000)
+    with pytest.raises(CarclfError) as info:
+        write()
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(target) in message
+    assert "disk is full" in message
+    assert "free" in message
+    assert "--resume" in message
+    assert target.read_bytes() == b"the previous epoch"
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # the partial temp file is gone
+
+
+def test_torchs_own_write_error_counts_as_disk_full_only_when_the_disk_is_full(tmp_path, monkeypatch):
+    """torch.save can report a failed write as its own RuntimeError ('unexpected pos') with no errno: a full disk
+    then, only if the disk really is (nearly) full."""
+    import shutil
+
+    from carclf.errors import CarclfError
+
+    def write(fh):
+        fh.write(b"part")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=100_000))
+    with pytest.raises(CarclfError, match=r"best\.pt.*disk is full"):
+        atomic_write(tmp_path / "best.pt", write, "wb")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=50 << 30))
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        atomic_write(tmp_path / "best.pt", write, "wb")
+    assert list(tmp_path.iterdir()) == []

@@ -281,3 +281,37 @@ def test_checkpoints_from_elsewhere_never_run_code(synth_data, tmp_path, monkeyp
     with pytest.raises(CarclfError, match="cannot resume from"):
         train(cfg, resume=True, log=lambda s: None)
     assert not (tmp_path / "EVIL_RAN").exists()
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/fd"), reason="needs /proc/self/fd (Linux)")
+def test_disk_full_during_training_is_one_line_exit_2_and_the_run_resumes(synth_data, tmp_path, monkeypatch, capsys):
+    """The disk fills while epoch 2's last.pt is written: one line naming that file and the remedy, exit 2, the
+    checkpoints of epoch 1 intact; after space is freed, --resume finishes the fold."""
+    from carclf.cli import main
+    from tests.test_io import full_disk
+
+    over = tiny_overrides(synth_data, tmp_path, **{"train.epochs": 2})
+    saves = []
+
+    def second_last_pt(path: str) -> bool:
+        if path.rsplit("/", 1)[-1].startswith(".last.pt."):
+            saves.append(path)
+        return len(saves) == 2 and path == saves[-1]
+
+    full_disk(monkeypatch, free=4096, only=second_last_pt)
+    assert main(["train", *over]) == 2
+    err = capsys.readouterr().err
+    fold = tmp_path / "t" / "fold0"
+    assert err.count("\n") == 1, err
+    assert "Traceback" not in err
+    assert f"'{fold / 'last.pt'}'" in err
+    assert "disk is full" in err
+    assert "--resume" in err
+    state = torch.load(fold / "last.pt", weights_only=True)
+    assert state["epoch"] == 0  # epoch 1's checkpoint, untouched
+    torch.load(fold / "best.pt", weights_only=True)
+    assert not [p.name for p in fold.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.undo()  # space freed
+    assert main(["train", *over, "--resume"]) == 0
+    assert (fold / "oof.npz").is_file()
+    assert len(_metrics(tmp_path / "t")) == 2
