@@ -144,3 +144,32 @@ def test_prepare_lists_every_hostile_file_with_its_reason(tmp_path):
     with (p.dir / "quarantine.csv").open(encoding="utf-8", newline="") as fh:
         quarantined = {r["path"].rsplit("/", 1)[-1] for r in csv.DictReader(fh)}
     assert {"tiny.png", "strip.png", "grey_tail.jpg", "drawing.tif"} <= quarantined
+
+
+def test_a_prepare_folder_probed_under_older_rules_is_read_again(tmp_path):
+    """An EOI-truncated JPEG listed "ok" by a prepare from before its check is probed again, not reused."""
+    root = tmp_path / "data"
+    info = make_dataset(root, SynthSpec(n_classes=3, train_per_class=5, test_per_class=1, size=(96, 72), seed=6))
+    (root / "train" / info.classes[0] / "grey_tail.jpg").write_bytes(truncated_with_eoi(photo_jpeg(seed=2)))
+    p = prepare(root, tmp_path / "prep", log=lambda _: None)
+    manifest = p.dir / "manifest.csv"
+    with manifest.open(encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh)
+        fields, rows = reader.fieldnames, list(reader)
+    for r in rows:  # what an older carclf wrote: every row probed under rules "1", the truncated photo "ok"
+        r["checks"] = "1"
+        if r["path"].endswith("grey_tail.jpg"):
+            r["status"], r["error"] = "ok", ""
+    with manifest.open("w", encoding="utf-8", newline="") as fh:
+        writer = csv.DictWriter(fh, fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    logs: list[str] = []
+    again = prepare(root, tmp_path / "prep", log=logs.append)
+    row = next(r for r in again.manifest if r["path"].endswith("grey_tail.jpg"))
+    assert row["status"] == "bad"
+    assert "truncated JPEG" in row["error"]
+    assert any(f"reading {len(rows)} of {len(rows)} files" in line for line in logs), logs
+    unchanged: list[str] = []
+    prepare(root, tmp_path / "prep", log=unchanged.append)  # the rows written now are reused (bad ones: read again)
+    assert any(f"reading 1 of {len(rows)} files" in line for line in unchanged), unchanged

@@ -38,14 +38,18 @@ from carclf.io import atomic_write_text
 
 COLUMNS = [
     "path", "split", "class", "id", "size_bytes", "mtime_ns", "sha1", "pixel_hash", "phash",
-    "width", "height", "mode", "format", "exif_orientation", "status", "error",
+    "width", "height", "mode", "format", "exif_orientation", "status", "error", "checks",
 ]
+# The rules a row was probed under. An unchanged file is reused only when its row was probed under today's rules,
+# so a prepare folder from before a new check (2: formats, aspect ratio, EOI-truncated JPEGs, too small) is read once
+# more instead of keeping a hostile file that the new check refuses as "ok".
+CHECKS = "2"
 _INT_COLUMNS = ("size_bytes", "mtime_ns", "width", "height", "exif_orientation")
 # Pillow's own default (MAX_IMAGE_PIXELS) is ~89.5 MP; a round 90 MP is the same guard, easier to quote.
 DEFAULT_MAX_PIXELS = 90_000_000
 # Shorter side below which a photo holds nothing to learn a car model from (the inputs are 64-600 px): listed as bad
 # (quarantined from training) instead of being upscaled into a blur and trained on without a word.
-MIN_SIDE = 32
+MIN_SIDE = 16
 EXT_LIST = ", ".join(sorted(IMAGE_EXTS))
 IGNORED = "ignored"  # split and status of an OS or zip leftover: listed, never read, counted or used
 
@@ -161,7 +165,7 @@ def _read_bytes(path: str) -> bytes:
 
 def _blank(**kw: object) -> dict:
     row = dict(size_bytes=-1, mtime_ns=-1, sha1="", pixel_hash="", phash="", width=0, height=0, mode="", format="",
-               exif_orientation=1, status="bad", error="")
+               exif_orientation=1, status="bad", error="", checks=CHECKS)
     row.update(kw)
     return row
 
@@ -310,7 +314,7 @@ def build_manifest(
     if max_pixels < 0:
         raise CarclfError(f"max_pixels must be >= 0 (0 disables the decompression-bomb guard), got {max_pixels}")
     entries, classes = list_entries(data_root)
-    prev = {r["path"]: r for r in previous or [] if r.get("status") == "ok"}
+    prev = {r["path"]: r for r in previous or [] if r.get("status") == "ok" and r.get("checks") == CHECKS}
     rows: list[dict | None] = [None] * len(entries)
     todo: list[int] = []
     for i, e in enumerate(entries):
