@@ -89,3 +89,33 @@ def test_lr_scaling_uses_the_global_batch():
     assert effective_lr(cfg, world_size=4) == pytest.approx(1e-3 * 2**0.5)
     cfg.train.lr_base_size = 0
     assert effective_lr(cfg, world_size=4) == 1e-3  # no scaling unless asked
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        (" lead", "name=' lead' has leading/trailing spaces"),
+        ("lead ", "name='lead ' has leading/trailing spaces"),
+        ("' lead'", "holds quote marks, which would become part of the folder name: write name=lead"),
+        ('"lead"', "holds quote marks, which would become part of the folder name: write name=lead"),
+    ],
+)
+def test_run_names_typed_with_stray_spaces_or_quote_marks_are_refused(tmp_path, capsys, name, message):
+    """Issue 16 item 14: name=" lead" trained into runs/lead (the text was stripped); name=' lead' (quotes that
+    reached carclf) made a folder whose name holds them."""
+    from carclf.cli import main
+
+    rc = main(["train", f"data.root={tmp_path / 'data'}", f"out_dir={tmp_path / 'runs'}", f"name={name}"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err
+    assert "spaces inside the name are fine" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_other_text_values_with_stray_spaces_are_refused_naming_the_key():
+    with pytest.raises(CarclfError, match=r"out_dir=' runs' has a leading or trailing space"):
+        load_config(None, ["out_dir= runs"])
+    with pytest.raises(CarclfError, match=r"data.root='/data ' has a leading or trailing space"):
+        load_config(None, ["data.root=/data "])
+    assert load_config(None, ["name=아반떼 실험 1"]).name == "아반떼 실험 1"

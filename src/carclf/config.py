@@ -243,7 +243,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     if isinstance(value, str):
         with contextlib.suppress(ValueError):  # YAML 1.1 reads 3e-4 as a string; users mean a number
             value = float(value)
-    return key.strip(), RawOverride(value, raw.strip())
+    # The text exactly as typed: a stray space is refused by validate(), never silently removed.
+    return key.strip(), RawOverride(value, raw)
 
 
 def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -329,6 +330,7 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise CarclfError(message)
     check_folder_name(cfg.name, "name")
+    _check_stray_spaces(cfg)
     if cfg.name in RESERVED_NAMES:
         raise CarclfError(f"name={cfg.name!r} is reserved: {RESERVED_NAMES[cfg.name]}; choose another run name")
     parse_sizes(cfg.predict.eval_sizes)
@@ -349,8 +351,13 @@ def validate(cfg: Config) -> None:
 RESERVED_NAMES = {"prepare": "out_dir/prepare holds the data checks", "mlruns": "out_dir/mlruns is the MLflow store"}
 
 
+_QUOTES = "'\"`"
+_NAME_ALLOWED = "letters (Korean too), digits, '-', '_', '.' and spaces inside the name are fine"
+
+
 def check_folder_name(name: str, key: str) -> None:
-    """A run name is one plain folder name: never '', '.', '..', a path, or hidden (a leading dot)."""
+    """A run name is one plain folder name: never '', '.', '..', a path, hidden (a leading dot), with stray spaces
+    or with quote marks (a shell removes the quotes around a word; quotes that reach carclf were typed inside it)."""
     if not name or not name.strip():
         raise CarclfError(f"{key} is empty: give the run a name, e.g. {key}=lite0-192")
     if name in {".", ".."} or "/" in name or "\\" in name or name.startswith("."):
@@ -358,8 +365,28 @@ def check_folder_name(name: str, key: str) -> None:
             f"{key}={name!r} is not a plain folder name: use letters, digits, '-' or '_' (no '/', '\\', leading '.', "
             "'.' or '..'); out_dir=... chooses where runs go"
         )
+    if any(c in _QUOTES for c in name):
+        plain = "".join(c for c in name if c not in _QUOTES).strip() or "lite0-192"
+        raise CarclfError(
+            f"{key}={name!r} holds quote marks, which would become part of the folder name: write {key}={plain} "
+            f"({_NAME_ALLOWED}; for spaces quote the whole word, e.g. \"{key}=my run\")"
+        )
     if name != name.strip() or any(ord(c) < 32 for c in name):
-        raise CarclfError(f"{key}={name!r} has leading/trailing spaces or control characters: remove them")
+        raise CarclfError(
+            f"{key}={name!r} has leading/trailing spaces or control characters: remove them "
+            f"({_NAME_ALLOWED})"
+        )
+
+
+def _check_stray_spaces(obj: Any, prefix: str = "") -> None:
+    """A text value with a leading or trailing space was mistyped (``out_dir=" runs"`` would make a folder named
+    " runs"): refuse it, naming the key, instead of guessing."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_stray_spaces(value, f"{prefix}{f.name}.")
+        elif isinstance(value, str) and value != value.strip():
+            raise CarclfError(f"{prefix}{f.name}={value!r} has a leading or trailing space: remove it")
 
 
 def global_batch(cfg: Config, world_size: int | None = None) -> int:
