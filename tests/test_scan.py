@@ -108,3 +108,25 @@ def test_os_and_zip_leftovers_are_not_classes_or_photos(tmp_path):
     _touch_jpg(only_macosx / "train" / "__MACOSX" / "a" / "._1.jpg")
     with pytest.raises(CarclfError, match="no class folders"):
         scan_train(only_macosx)
+
+
+def test_a_link_back_to_the_class_folder_is_a_symlink_loop_not_a_folder(tmp_path):
+    """Issue 16 item 16: ``cycle -> .`` (or a link to a folder above) inside a class folder was reported as "a folder
+    inside a class folder"; it is a symlink loop, named with where it leads."""
+    from carclf.data.scan import class_entry_note
+
+    folder = tmp_path / "train" / "a"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "cycle").symlink_to(".", target_is_directory=True)
+    (folder / "up").symlink_to("../..", target_is_directory=True)
+    (folder / "side").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir()
+    (folder / "self").symlink_to("self")
+    (folder / "x.jpg").write_bytes(b"jpeg")
+    note = lambda name: class_entry_note(folder / name, folder)  # noqa: E731
+    assert note("cycle").startswith("symlink loop: 'cycle' links back to its own class folder (.)")
+    assert note("up").startswith(f"symlink loop: 'up' links back to '{tmp_path.resolve()}', a folder above")
+    assert note("sub").startswith("folder inside a class folder")
+    assert note("side").startswith("folder inside a class folder")  # a link to a folder elsewhere: no loop
+    assert note("self") == ""  # a link to itself: reading it says "symlink loop (too many levels ...)"
+    assert note("x.jpg") == ""

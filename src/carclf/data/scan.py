@@ -7,6 +7,7 @@ headers are kept as written, so the submission can repeat sample_submission.csv'
 from __future__ import annotations
 
 import csv
+import os
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,22 @@ def os_leftover(name: str) -> str:
     if kind is None and name.startswith("."):
         kind = "macOS AppleDouble file" if name.startswith("._") else "hidden file or folder"
     return f"{kind} ({name}), ignored" if kind else ""
+
+
+def class_entry_note(path: str | os.PathLike, class_folder: str | os.PathLike) -> str:
+    """Why an entry of a class folder is not read, when its kind alone says so: a symlink loop (a link to the class
+    folder itself or a folder above it: following it would never end), or a folder. "" for anything else (a file, a
+    broken link: reading it decides). Nothing is entered."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):  # follows links; False for a broken or looping link (their read names them)
+        return ""
+    if os.path.islink(path):
+        target, here = os.path.realpath(path), os.path.realpath(class_folder)
+        if here == target or here.startswith(target.rstrip(os.sep) + os.sep):
+            where = "its own class folder" if here == target else f"'{target}', a folder above its class folder"
+            return (f"symlink loop: '{os.path.basename(path)}' links back to {where} ({os.readlink(path)}), so it "
+                    "is not followed (only files directly in train/<class>/ are read)")
+    return "folder inside a class folder: not read (only files directly in train/<class>/ are)"
 
 
 def _is_image(path: Path) -> bool:
