@@ -84,3 +84,19 @@ def test_group_folds_never_split_a_group_and_are_recorded(tmp_path):
     y = np.array(ts.labels)
     for c in range(4):  # still stratified: every class in every fold
         assert set(grouped[y == c]) == set(range(4))
+
+
+def test_photos_of_a_dropped_class_are_in_no_fold_and_not_stratified(tmp_path):
+    """Issue 16 item 20b: label -1 (a class dropped by data.empty_class=drop) was stratified as a class of its own,
+    and scikit-learn warned that its 1 member is fewer than the folds."""
+    import warnings
+
+    labels = [0] * 6 + [1] * 6 + [-1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain = stratified_folds(labels, 3, seed=0)
+        grouped = stratified_folds(labels, 3, seed=0, groups=list(range(13)))
+    for folds in (plain, grouped):
+        assert folds[-1] == -1
+        assert sorted(set(folds[:-1])) == [0, 1, 2]
+    assert (stratified_folds(labels[:-1], 3, seed=0) == plain[:-1]).all()  # the others' split is unchanged

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+
 from carclf.data.dedup import (
     DEFAULT_NEAR_THRESHOLD,
     MAX_THRESHOLD,
@@ -118,7 +120,11 @@ def prepare(
     hashes = {r["path"]: int(r["phash"], 16) for r in rows if r["status"] == "ok"}
     leaks = leak_rows(groups, hashes)
     n_train = Counter(r["class"] for r in rows if r["split"] == "train" and r["status"] == "ok")
-    n_used = Counter(r["class"] for r in rows if r["split"] == "train" and r["status"] == "ok" and not r["excluded"])
+    index = {c: i for i, c in enumerate(classes)}
+    in_class = [r for r in rows if r["split"] == "train" and r["class"] in index]
+    used = usable_per_class([index[r["class"]] for r in in_class],
+                            [r["status"] == "ok" and not r["excluded"] for r in in_class], len(classes))
+    n_used = {c: int(n) for c, n in zip(classes, used, strict=True)}
     write_manifest(out / "manifest.csv", rows + ignored, DERIVED_COLUMNS)
     atomic_write_text(out / "duplicates.csv", duplicates_csv(groups))
     atomic_write_text(out / "conflicts.csv", conflicts_csv(groups, excluded))
@@ -127,7 +133,7 @@ def prepare(
         [r["path"], r["split"], r["class"], r["excluded"] or r["error"]]
         for r in rows if r["excluded"] or r["status"] != "ok"
     )))
-    aliases = write_classes_csv(out / "classes.csv", classes, dict(n_train), dict(n_used))
+    aliases = write_classes_csv(out / "classes.csv", classes, dict(n_train), n_used)
     t_write = time.perf_counter()
 
     empty = [c for c in classes if not n_used.get(c)]
@@ -143,6 +149,24 @@ def prepare(
     if empty:
         log(f"prepare: warning: {len(empty)} class(es) have no usable photo left: {', '.join(empty[:5])}")
     return Prepared(out, rows, groups, excluded, train_group_of, threshold, classes, aliases, summary)
+
+
+def usable_per_class(
+    labels: list[int] | np.ndarray, usable: list[bool] | np.ndarray, n_classes: int,
+    groups: list[int] | np.ndarray | None = None,
+) -> np.ndarray:
+    """What training can use per class: its usable photos, or with ``groups`` the duplicate groups holding a usable
+    photo of it. A group filed under two classes (``cross_class=keep``) counts once for each: group K-fold puts the
+    whole group in one fold, and both classes have a photo there. Labels below 0 (a dropped class) count for none.
+
+    The one count behind prepare's ``n_used`` and empty classes and train's empty classes and per-fold check, so the
+    two never disagree about a class."""
+    y = np.asarray(labels, dtype=np.int64).reshape(-1)
+    keep = np.asarray(usable, dtype=bool).reshape(-1) & (y >= 0)
+    if groups is None:
+        return np.bincount(y[keep], minlength=n_classes)
+    pairs = np.unique(np.stack([np.asarray(groups, dtype=np.int64)[keep], y[keep]], axis=1), axis=0)
+    return np.bincount(pairs[:, 1], minlength=n_classes)
 
 
 def _previous_manifest(out: Path, root: Path, log: Callable[[str], None]) -> list[dict]:

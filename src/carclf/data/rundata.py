@@ -85,9 +85,10 @@ def merge_map_for(cfg: Config, trainset: TrainSet) -> MergeMap:
     return build_merge_map(trainset.classes, read_merges(spec), cfg.data.merge_split, counts, source=spec)
 
 
-def _drop_empty(cfg: Config, merge: MergeMap, units: np.ndarray, log: Callable[[str], None]) -> MergeMap:
-    """Apply ``data.empty_class`` to model classes with no usable photo at all."""
-    empty = [c for c, n in zip(merge.classes, units, strict=True) if n == 0]
+def _drop_empty(cfg: Config, merge: MergeMap, photos: np.ndarray, log: Callable[[str], None]) -> MergeMap:
+    """Apply ``data.empty_class`` to model classes with no usable photo at all (``photos``: usable photos per model
+    class, counted as prepare counts them)."""
+    empty = [c for c, n in zip(merge.classes, photos, strict=True) if n == 0]
     if not empty:
         return merge
     listed = ", ".join(f"'{c}'" for c in empty[:5]) + (" ..." if len(empty) > 5 else "")
@@ -106,6 +107,7 @@ def _drop_empty(cfg: Config, merge: MergeMap, units: np.ndarray, log: Callable[[
 def load_run_data(cfg: Config, log: Callable[[str], None] = print) -> RunData:
     """Scan, prepare (bad files, duplicates), merge classes, drop empty ones and split into folds; writes only the
     prepare folder."""
+    from carclf.data.prepare import usable_per_class
     from carclf.data.splits import check_fold_counts, load_or_make_folds
 
     trainset = scan_train(cfg.data.root)
@@ -117,21 +119,17 @@ def load_run_data(cfg: Config, log: Callable[[str], None] = print) -> RunData:
     }
     groups = [prepared.group_of[key] for key in keys] if cfg.data.fold_policy == "group" else None
 
-    def units_per_class(m: MergeMap) -> np.ndarray:
-        """What training can use per model class: photos (or duplicate groups), bad files and copies not counted."""
+    def units_per_class(m: MergeMap, by_group: bool) -> np.ndarray:
+        """What training can use per model class (prepare's count, through the merges): usable photos, or with
+        ``by_group`` the duplicate groups that hold one (the units group K-fold deals out)."""
         labels = m.label_map[np.asarray(trainset.labels)]
-        usable = usable_mask(trainset, bad, labels)
-        if groups is not None:
-            first = np.unique(np.asarray(groups)[usable], return_index=True)[1]
-            per_unit = labels[usable][first]
-        else:
-            per_unit = labels[usable]
-        return np.bincount(per_unit, minlength=len(m.classes))
+        return usable_per_class(labels, usable_mask(trainset, bad, labels), len(m.classes),
+                                groups if by_group else None)
 
-    merge = _drop_empty(cfg, merge, units_per_class(merge), log)
-    units = units_per_class(merge)
+    merge = _drop_empty(cfg, merge, units_per_class(merge, by_group=False), log)
+    units = units_per_class(merge, by_group=groups is not None)
     check_fold_counts(merge.classes, np.repeat(np.arange(len(units)), units).tolist(), cfg.data.n_folds,
-                      counted="usable photos")
+                      counted="usable photos" + (" (a photo and its copies count once)" if groups is not None else ""))
     labels = merge.label_map[np.asarray(trainset.labels)]
     folds, folds_file = load_or_make_folds(
         trainset, cfg.data.n_folds, cfg.data.fold_seed, prepare_dir(cfg), groups, labels.tolist(), merge.classes

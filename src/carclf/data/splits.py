@@ -30,25 +30,29 @@ def check_fold_counts(classes: list[str], labels: list[int], n_folds: int, count
     if small:
         listed = ", ".join(f"'{n}' ({c})" for n, c in small[:5])
         fewest = min(c for _, c in small)
-        fix = f"use fewer folds (data.n_folds={fewest}), " if fewest >= 2 else ""
+        fix = f"Use fewer folds (data.n_folds={fewest}), add" if fewest >= 2 else "Add"
         raise CarclfError(
             f"{len(small)} class(es) have fewer {counted} than the {n_folds} folds: {listed}. "
-            f"{fix}add photos, or merge the class with the model it duplicates (merges.yaml)."
+            f"{fix} photos, or merge the class with the model it duplicates (merges.yaml)."
         )
 
 
 def stratified_folds(labels: list[int], n_folds: int, seed: int, groups: list[int] | None = None) -> np.ndarray:
     """Fold index per sample, shuffled with ``seed``: scikit-learn's StratifiedKFold, or with ``groups``
-    StratifiedGroupKFold, which keeps every group (copies of one photo) inside a single fold."""
-    y = np.asarray(labels)
+    StratifiedGroupKFold, which keeps every group (copies of one photo) inside a single fold.
+
+    A label below 0 (a class dropped for want of usable photos, data.empty_class=drop) is no class to stratify: such
+    photos are in no fold (-1), and nothing trains or is scored on them."""
+    y = np.asarray(labels, dtype=np.int64)
     folds = np.full(len(y), -1, dtype=np.int64)
+    rows = np.where(y >= 0)[0]
     if groups is None:
-        splits = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)
+        splits = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(np.zeros(len(rows)), y[rows])
     else:
         sgkf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-        splits = sgkf.split(np.zeros(len(y)), y, np.asarray(groups))
+        splits = sgkf.split(np.zeros(len(rows)), y[rows], np.asarray(groups)[rows])
     for k, (_, val_idx) in enumerate(splits):
-        folds[val_idx] = k
+        folds[rows[val_idx]] = k
     return folds
 
 
@@ -73,7 +77,7 @@ def load_or_make_folds(
     column records which split it is.
 
     ``labels``/``classes`` are the model's (after class merges, so a small class merged into its twin is stratified
-    and counted with it); by default the folders'.
+    and counted with it); by default the folders'. A photo labelled -1 (its class dropped) gets fold -1: in no fold.
     """
     if labels is None:
         labels, classes = trainset.labels, trainset.classes
