@@ -60,8 +60,22 @@ def test_overwrite_refuses_a_run_holding_files_carclf_did_not_write(tmp_path):
     with pytest.raises(CarclfError, match="holds things carclf did not write") as err:
         rd.clear()
     assert "'notes.txt'" in str(err.value)
-    assert "'fold0'" in str(err.value)  # a fold folder holding a file of the user's
+    assert "'fold0/my-plot.png'" in str(err.value)  # the user's file inside a fold folder, not just "fold0"
+    assert "more" not in str(err.value)
     assert (rd.path / "notes.txt").read_text() == "mine"
+    assert rd.fold(0).best.is_file()
+
+
+def test_overwrite_refusal_names_the_first_few_files_and_how_many_more(tmp_path):
+    rd = _fake_run(tmp_path / "run")
+    for i in range(4):
+        (rd.fold(0).dir / f"plot{i}.png").write_bytes(b"png")
+    (rd.path / "fold1").mkdir()
+    for name in ("a.txt", "b.txt", "oof.npz"):
+        (rd.path / "fold1" / name).write_text("x")
+    with pytest.raises(CarclfError, match=r"\('fold0/plot0.png', 'fold0/plot1.png', 'fold0/plot2.png', "
+                       r"'fold0/plot3.png', 'fold1/a.txt' and 1 more\), so nothing was deleted"):
+        rd.clear()
     assert rd.fold(0).best.is_file()
 
 
@@ -88,7 +102,7 @@ def test_overwrite_clears_the_runs_own_report_but_not_a_folder_a_user_put_there(
     (report / REPORT_MARKER).write_text("{}")
     (report / "report.html").write_text("<html>")
     (report / "mine.txt").write_text("notes on the report")
-    with pytest.raises(CarclfError, match="'report'"):
+    with pytest.raises(CarclfError, match="'report/mine.txt'"):
         rd.clear()
     assert (report / "mine.txt").is_file()
     (report / "mine.txt").unlink()

@@ -241,7 +241,7 @@ class RunDir:
         make, one holding files carclf did not write, one with a fold in training, or one that holds ``protect``.
         ``dry_run``: only check."""
         # is_run(): the marker, or config.yaml beside run.json for runs made before the marker existed.
-        owned = _owned_entries(self.path, self.is_run(), MARKER, _run_entry_known, "run directory")
+        owned = _owned_entries(self.path, self.is_run(), MARKER, _run_entry_unknown, "run directory")
         here = self.path.resolve()
         for p in protect:
             p = Path(p).resolve()
@@ -339,32 +339,39 @@ def fold_name(k: int) -> str:
     return "the full-data fit" if k == FULL else f"fold {k}"
 
 
-def _run_entry_known(entry: Path) -> bool:
+def _run_entry_unknown(entry: Path) -> list[str]:
+    """What carclf did not write in one top-level entry of a run directory, as paths relative to the run ("notes.txt",
+    "fold0/plot.png"); [] when carclf wrote all of it."""
     name = entry.name
     if name == LOCKS or _is_temp(name):
-        return True
+        return []
     if entry.is_dir() and (FOLD_RE.fullmatch(name) or name == FULL_DIR):
-        return all(c.name in FOLD_FILES or _is_temp(c.name) for c in entry.iterdir())
-    if entry.is_dir() and not entry.is_symlink() and name == REPORT_DIR and (entry / REPORT_MARKER).is_file():
-        return all(c.name in REPORT_FILES or _is_temp(c.name) for c in entry.iterdir())
-    return name in TOP_FILES and entry.is_file()
+        known = FOLD_FILES
+    elif entry.is_dir() and not entry.is_symlink() and name == REPORT_DIR and (entry / REPORT_MARKER).is_file():
+        known = REPORT_FILES
+    else:
+        return [] if name in TOP_FILES and entry.is_file() else [name]
+    return sorted(f"{name}/{c.name}" for c in entry.iterdir() if c.name not in known and not _is_temp(c.name))
 
 
-def _owned_entries(folder: Path, made: bool, marker: str, known: Callable[[Path], bool], what: str) -> list[Path]:
-    """The entries of ``folder``, once it is sure carclf ``made`` it and wrote every one of them."""
+def _owned_entries(
+    folder: Path, made: bool, marker: str, unknown: Callable[[Path], list[str]], what: str
+) -> list[Path]:
+    """The entries of ``folder``, once it is sure carclf ``made`` it and wrote every one of them (``unknown(entry)``:
+    the paths inside ``folder`` that carclf did not write)."""
     if not made:
         raise CarclfError(
             f"--overwrite: '{folder}' was not made by carclf (it has no {marker} marker), so it is not deleted. "
             "Choose another name, or move or delete the folder yourself."
         )
-    entries = list(folder.iterdir())
-    unknown = [e for e in entries if not known(e)]
-    if unknown:
-        listed = ", ".join(f"'{e.name}'" for e in unknown[:5])
+    entries = sorted(folder.iterdir())
+    foreign = [rel for e in entries for rel in unknown(e)]
+    if foreign:
+        listed = ", ".join(f"'{rel}'" for rel in foreign[:5])
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
         raise CarclfError(
-            f"--overwrite: the {what} '{folder}' holds things carclf did not write ({listed}"
-            f"{', ...' if len(unknown) > 5 else ''}), so nothing was deleted. Move them out first, or choose another "
-            "name."
+            f"--overwrite: the {what} '{folder}' holds things carclf did not write ({listed}{more}), so nothing was "
+            "deleted. Move them out first, or choose another name."
         )
     return entries
 
@@ -380,7 +387,9 @@ def clear_owned_folder(folder: Path, marker: str, known_names: set[str], what: s
     """Delete a folder's contents that carclf made (``--overwrite`` of the demo): only with the marker, and only
     when every top-level entry is one of ``known_names``."""
     made = (folder / marker).is_file()
-    entries = _owned_entries(folder, made, marker, lambda e: e.name in known_names or _is_temp(e.name), what)
+    entries = _owned_entries(
+        folder, made, marker, lambda e: [] if e.name in known_names or _is_temp(e.name) else [e.name], what
+    )
     for entry in entries:
         _remove(entry)
 
