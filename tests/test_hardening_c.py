@@ -1,5 +1,5 @@
-"""Issue 16 (items 13, 20b): train and prepare agree on what a class can use, every photo left out is listed, and
-the split stratifies only the classes that train."""
+"""Issue 16 (items 13, 20b, 20a): train and prepare agree on what a class can use, every photo left out is listed,
+the split stratifies only the classes that train, and train says how many photos it left out beyond those it lists."""
 
 from __future__ import annotations
 
@@ -94,6 +94,23 @@ def test_a_dropped_class_is_not_stratified_and_its_photo_is_listed(tmp_path, mon
     folds = {r["path"]: int(r["fold"]) for r in _rows(tmp_path / "runs" / "t" / "folds.csv")}
     assert folds[f"{LAST}/broken.jpg"] == -1
     assert {f for p, f in folds.items() if not p.startswith(LAST)} == {0, 1}
+
+
+def test_train_says_how_many_more_photos_it_skipped(tmp_path, monkeypatch, capsys):
+    """Item 20a: 13 photos left out, the first 10 listed, then "... and 3 more"."""
+    import carclf.train.loop as loop
+
+    root, classes = _data(tmp_path / "data")
+    for i in range(13):
+        (root / "train" / classes[i % 3] / f"empty{i:02d}.jpg").write_bytes(b"")
+    monkeypatch.setattr(loop, "parse_folds", lambda spec, n: [])
+    assert main(["train", *tiny_overrides(root, tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    listed = [line for line in out if line.startswith("  ") and "zero-byte" in line]
+    assert len(listed) == 10
+    skipped_csv = tmp_path / "runs" / "t" / "skipped.csv"
+    assert f"  ... and 3 more (all of them in {skipped_csv})" in out
+    assert len(_rows(skipped_csv)) == 13
 
 
 def test_usable_per_class_counts_a_group_once_per_class_it_holds():

@@ -67,6 +67,18 @@ class RunData:
         good = self.usable()
         return np.where(good & (self.folds != k))[0], np.where(good & (self.folds == k))[0]
 
+    def skipped_lines(self, listed_in: Path | str, limit: int = 10) -> list[str]:
+        """What train prints about the photos it leaves out: a count, the first ``limit`` with their reasons, and how
+        many more ``listed_in`` (skipped.csv) holds."""
+        if not self.bad:
+            return []
+        lines = [f"leaving {len(self.bad)} photo(s) out of training (bad files, duplicates, label conflicts), "
+                 f"listed in {listed_in}:"]
+        lines += [f"  {p}: {reason}" for p, reason in list(self.bad.items())[:limit]]
+        if len(self.bad) > limit:
+            lines.append(f"  ... and {len(self.bad) - limit} more (all of them in {listed_in})")
+        return lines
+
 
 def usable_mask(trainset: TrainSet, bad: dict[str, str], labels: np.ndarray) -> np.ndarray:
     """True for the photos training may use: not quarantined, not a left-out copy or conflict, not of a dropped

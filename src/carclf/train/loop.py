@@ -161,11 +161,8 @@ def train(
         return data
 
     data = on_main(start)
-    if data.bad:
-        log(f"leaving {len(data.bad)} photo(s) out of training (bad files, duplicates, label conflicts), "
-            f"listed in {rd.skipped_csv}:")
-        for p, reason in list(data.bad.items())[:10]:
-            log(f"  {p}: {reason}")
+    for line in data.skipped_lines(rd.skipped_csv):  # the first 10, then "... and N more"
+        log(line)
     for k in parse_folds(cfg.train.folds, cfg.data.n_folds):
         with contextlib.ExitStack() as held:
 
