@@ -199,3 +199,23 @@ def test_overwrite_clears_a_run_made_before_the_marker_existed(tmp_path):
     rd.write_meta({"classes": ["a"]})  # config.yaml beside run.json: the signature of an older carclf run
     rd.clear()
     assert not rd.config_path.exists()
+
+
+@pytest.mark.parametrize("flags", [[], ["--resume"], ["--overwrite"]])
+def test_a_users_folder_where_the_run_would_go_is_named_not_offered_to_resume(tmp_path, capsys, flags):
+    """Issue 16 item 20c: runs/mine without the carclf marker: suggesting --resume or --overwrite (which both refuse)
+    helps nobody; say it is not a carclf run and to choose another name or move the folder."""
+    from carclf.cli import main
+
+    mine = tmp_path / "runs" / "mine"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+
+    rc = main(["train", *flags, *tiny_overrides(tmp_path / "data", tmp_path / "runs", name="mine")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"'{mine}' already exists and is not a carclf run directory" in err
+    assert "choose another name=..., or move the folder" in err
+    assert "pass --resume" not in err
+    assert "--overwrite to" not in err
+    assert (mine / "notes.txt").read_text() == "mine"

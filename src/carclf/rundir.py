@@ -181,6 +181,15 @@ class RunDir:
         """Made by carclf: the marker, or (runs from before the marker existed) config.yaml beside run.json."""
         return self.marker.is_file() or (self.config_path.is_file() and self.meta_path.is_file())
 
+    def not_a_run(self) -> CarclfError:
+        """The refusal for a folder of the user's where this run would go: neither --resume nor --overwrite may touch
+        it, so suggest neither."""
+        return CarclfError(
+            f"'{self.path}' already exists and is not a carclf run directory (it was not made by carclf: no {MARKER} "
+            "marker), so carclf neither continues it nor deletes it: choose another name=..., or move the folder "
+            "elsewhere"
+        )
+
     def exists_nonempty(self) -> bool:
         return self.path.is_dir() and any(p.name != LOCKS for p in self.path.iterdir())
 

@@ -78,6 +78,8 @@ def check_startable(rd: RunDir, cfg: Config, resume: bool, overwrite: bool) -> N
         raise CarclfError("--resume and --overwrite contradict each other: choose one")
     if not rd.exists_nonempty():
         return
+    if not rd.is_run():  # a folder of the user's: neither --resume nor --overwrite may touch it
+        raise rd.not_a_run()
     if overwrite:
         rd.clear(protect=[Path(cfg.data.root)], dry_run=True)
         return
