@@ -76,7 +76,8 @@ def build(root: Path) -> dict:
     (bad / ".DS_Store").write_bytes(b"\0junk")  # an OS leftover: listed in manifest.csv as ignored, nowhere else
     plant["bad"] = {
         "zero.jpg": "zero-byte", "truncated.jpg": "truncated", "text.jpg": "text", "notes.txt": "unsupported file type",
-        "phone.jpg": "HEIC", "loop.jpg": "symlink loop", "cycle": "folder inside a class folder",
+        "phone.jpg": "HEIC", "loop.jpg": "symlink loop",
+        "cycle": "symlink loop: 'cycle' links back to its own class folder",
         "bomb.png": "max_pixels", UNREADABLE: "permission denied",
     }
 

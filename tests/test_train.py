@@ -67,7 +67,7 @@ def test_existing_run_dir_is_refused_unless_resume_or_overwrite(synth_data, tmp_
     cfg = load_config(None, tiny_overrides(synth_data, tmp_path))
     cfg.run_dir.mkdir(parents=True)
     (cfg.run_dir / "notes.txt").write_text("mine")
-    with pytest.raises(CarclfError, match="already exists: pass --resume"):
+    with pytest.raises(CarclfError, match="already exists and is not a carclf run directory"):
         train(cfg, log=lambda s: None)
     assert (cfg.run_dir / "notes.txt").read_text() == "mine"
     with pytest.raises(CarclfError, match="is not a carclf run directory"):

@@ -32,7 +32,15 @@ from pathlib import Path
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 from carclf.data.imageio import UnreadablePhoto, load_rgb, open_image
-from carclf.data.scan import IMAGE_EXTS, column_key, nfc, os_leftover, read_csv_rows, scan_train
+from carclf.data.scan import (
+    IMAGE_EXTS,
+    class_entry_note,
+    column_key,
+    nfc,
+    os_leftover,
+    read_csv_rows,
+    scan_train,
+)
 from carclf.errors import CarclfError
 from carclf.io import atomic_write_text
 
@@ -90,12 +98,7 @@ def list_entries(data_root: Path | str) -> tuple[list[Entry], list[str]]:
                 if why := os_leftover(de.name):
                     ignored.append(Entry(rel, IGNORED, "", "", de.path, why))
                     continue
-                note = ""
-                try:
-                    if de.is_dir():  # follows symlinks: a link to a folder is a folder here
-                        note = "folder inside a class folder: not read (only files directly in train/<class>/ are)"
-                except OSError:
-                    pass
+                note = class_entry_note(de.path, folder)  # a folder, or a symlink loop back to the class folder
                 found.append(Entry(rel, "train", name, "", de.path, note))
         entries.extend(sorted(found, key=lambda e: e.path))
     with os.scandir(train_dir) as it:  # stray files beside the class folders are listed, not ignored
