@@ -273,6 +273,15 @@ def test_checkpoints_from_elsewhere_never_run_code(synth_data, tmp_path, monkeyp
     torch.save({**good, "extra": _Evil()}, run / "fold0" / "best.pt")
     from carclf.infer.predictor import Predictor
 
+    with pytest.raises(CarclfError, match="is not the file training wrote"):  # the hash recorded at training
+        Predictor(run)
+    import json
+
+    from carclf.io import file_sha256
+
+    summary = json.loads((run / "fold0" / "summary.json").read_text())
+    summary["best_sha256"] = file_sha256(run / "fold0" / "best.pt")  # someone planted the hash too
+    (run / "fold0" / "summary.json").write_text(json.dumps(summary))
     with pytest.raises(CarclfError, match="cannot read checkpoint"):
         Predictor(run)
     state = torch.load(run / "fold0" / "last.pt", weights_only=True)

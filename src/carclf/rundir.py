@@ -36,7 +36,7 @@ from typing import Any
 
 from carclf.config import Config, read_config
 from carclf.errors import CarclfError
-from carclf.io import atomic_write_text
+from carclf.io import atomic_write_text, file_sha256
 
 MARKER = ".carclf-run"
 LOCKS = ".locks"
@@ -111,6 +111,29 @@ class FoldPaths:
         if self.is_full:
             return self.summary.is_file() and self.best.is_file()
         return self.oof.is_file() and self.best.is_file()
+
+    def recorded_best_sha256(self) -> str | None:
+        """``best.pt``'s SHA-256 as training recorded it in summary.json when it wrote the file; None for a fold
+        trained before carclf recorded it (nothing to check against)."""
+        if not self.summary.is_file():
+            return None
+        try:
+            return json.loads(self.summary.read_text(encoding="utf-8")).get("best_sha256")
+        except (ValueError, AttributeError) as exc:
+            raise CarclfError(f"'{self.summary}' is not a summary carclf wrote ({exc}): {retrain_hint(self)}") from None
+
+    def verify_best(self, sha256: str | None = None) -> None:
+        """Refuse a ``best.pt`` whose bytes are not those training wrote (damaged or replaced: its predictions would
+        silently not be the model's). ``sha256``: the file's hash when the caller has just computed it."""
+        want = self.recorded_best_sha256()
+        if want is None:
+            return
+        have = sha256 or file_sha256(self.best)
+        if have != want:
+            raise CarclfError(
+                f"'{self.best}' is not the file training wrote (sha256 {have[:12]}..., recorded {want[:12]}... in "
+                f"{self.summary.name}): it was damaged or replaced. {retrain_hint(self)}"
+            )
 
 
 class RunDir:
@@ -342,10 +365,44 @@ class RunDir:
         shutil.copyfile(source, tmp)
         tmp.replace(self.folds_csv)
 
+    def remove_stale_temps(self, k: int | None = None) -> list[Path]:
+        """Delete what interrupted atomic writes left: of fold ``k``'s training files (with its :meth:`fold_lock`
+        held), or with ``k`` None of the shared files at the top of the run (with :meth:`run_lock` held)."""
+        if k is None:
+            return remove_stale_temps(self.path, _RUN_LOCKED)
+        return remove_stale_temps(self.fold(k).dir, _FOLD_LOCKED)
+
 
 def fold_name(k: int) -> str:
     """'fold 3', or 'the full-data fit'."""
     return "the full-data fit" if k == FULL else f"fold {k}"
+
+
+def retrain_hint(fp: FoldPaths) -> str:
+    """How to train one fold again from scratch."""
+    return (f"Retrain {fold_name(fp.k)}: move '{fp.dir}' away, then run carclf train with the run's recipe, "
+            f"train.folds={'full' if fp.is_full else fp.k} and --resume")
+
+
+# Temp files of io.atomic_write (``.<name>.<pid>.<16 hex>.tmp``) and of RunDir.copy_folds, by the file they stand for.
+_TEMP_RE = re.compile(r"\.(?P<name>.+?)(\.\d+\.[0-9a-f]{16}|\.copy)\.tmp")
+# What training writes under a fold's lock (calibration.json is calibrate's, which takes no lock), and under the run
+# lock at the top of the run (evaluation.json is evaluate's, which takes none).
+_FOLD_LOCKED = FOLD_FILES - {"calibration.json"}
+_RUN_LOCKED = {"config.yaml", "run.json", "folds.csv", "skipped.csv", MARKER}
+
+
+def remove_stale_temps(folder: Path, names: set[str]) -> list[Path]:
+    """Delete the temp files that interrupted atomic writes of ``names`` left in ``folder`` (a process killed while
+    writing; ``kill -9`` runs no cleanup). Only with the lock held under which those files are written: then no live
+    process is writing one. Anything else, a user's ``.notes.tmp`` included, stays."""
+    removed = []
+    for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+        m = _TEMP_RE.fullmatch(entry.name)
+        if m and m.group("name") in names and entry.is_file() and not entry.is_symlink():
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
 
 
 def _run_entry_unknown(entry: Path) -> list[str]:

@@ -124,6 +124,8 @@ class Predictor:
         self.data_configs = {s: data_config_for(self.cfg, s) for s in sorted(set(self.eval_sizes))}
         self.amp = amp_dtype(self.cfg.train.amp, self.device)
         self.views = policy_views(self.cfg.predict)  # TTA: logits averaged over these views (carclf.tta)
+        for k in chosen:  # every checksum before the first (slow) model load
+            self.run.fold(k).verify_best()
         self.engines = [
             TorchFold(load_fold_model(self.cfg, self.run.fold(k).best, len(self.classes), self.device),
                       self.data_configs[s], self.views, self.device, self.amp, self.cfg.train.channels_last)
@@ -154,6 +156,8 @@ class Predictor:
         for m, rd in zip(used, runs, strict=True):  # every checksum before the first (slow) model load
             for k in m["folds"]:
                 verify_checksum(path, m, k, rd.fold(int(k)).best)
+                # The file is the one the ensemble recorded; and that, the one training wrote (no second hash).
+                rd.fold(int(k)).verify_best(m["best_sha256"][k])
         for mi, (m, rd) in enumerate(zip(used, runs, strict=True)):
             cfg = rd.read_config()
             meta = rd.read_meta()

@@ -28,10 +28,10 @@ from carclf.data.rundata import RunData, load_run_data
 from carclf.data.splits import parse_folds
 from carclf.data.transforms import batch_normalize, data_config_for, eval_transform, train_transform
 from carclf.errors import CarclfError
-from carclf.io import atomic_savez, atomic_torch_save, atomic_write_text
+from carclf.io import atomic_savez, atomic_torch_save, atomic_write_text, file_sha256
 from carclf.models.factory import create_model, load_fold_model
 from carclf.models.forward import infer_logits, infer_view_logits
-from carclf.rundir import FoldPaths, RunDir, fold_name
+from carclf.rundir import FoldPaths, RunDir, fold_name, retrain_hint
 from carclf.runtime import (
     amp_dtype,
     autocast,
@@ -158,6 +158,7 @@ def train(
             if overwrite and rd.exists_nonempty():
                 rd.clear(protect=[Path(cfg.data.root)])
                 log(f"--overwrite: deleted the earlier run in '{rd.path}'")
+            _log_removed(rd.remove_stale_temps(), log)  # the run lock is held: no live writer of those files
             rd.create(cfg)
             record_run_data(rd, cfg, data, resume)
         return data
@@ -170,6 +171,7 @@ def train(
 
             def claim(k: int = k, held: contextlib.ExitStack = held) -> bool:
                 held.enter_context(rd.fold_lock(k))  # on rank 0; released when the fold ends
+                _log_removed(rd.remove_stale_temps(k), log)  # the fold lock is held: no live writer of those files
                 return rd.fold(k).complete
 
             if on_main(claim):
@@ -185,6 +187,32 @@ def train(
                 tracker.log_curves(fp.metrics)
     barrier()
     return rd.path
+
+
+def _log_removed(removed: list[Path], log: Callable[[str], None]) -> None:
+    if removed:
+        log(f"removed {len(removed)} temp file(s) an interrupted write left behind: "
+            + ", ".join(str(p) for p in removed[:5]) + (" ..." if len(removed) > 5 else ""))
+
+
+def save_best(model: nn.Module, meta: dict, cfg: Config, classes: list[str], fp: FoldPaths) -> str:
+    """Write ``best.pt`` (the weights and ``meta``); return its SHA-256, recorded in last.pt's ``best`` and, once the
+    fold is done, in summary.json, so that a damaged or replaced best.pt is refused wherever it is loaded."""
+    atomic_torch_save({"model": model.state_dict(), **meta, "config": cfg.to_dict(), "classes": classes}, fp.best)
+    return file_sha256(fp.best)
+
+
+def checked_best_sha256(fp: FoldPaths, best: dict) -> str:
+    """``best.pt``'s SHA-256, refused when it is not the hash recorded when the file was written (a resumed fold's
+    best.pt damaged while the run was stopped); a last.pt from before hashes were recorded is taken as it is."""
+    have = file_sha256(fp.best)
+    want = best.get("sha256")
+    if want and have != want:
+        raise CarclfError(
+            f"'{fp.best}' is not the file training wrote (sha256 {have[:12]}..., recorded {want[:12]}... in "
+            f"{fp.last.name}): it was damaged or replaced. {retrain_hint(fp)}"
+        )
+    return have
 
 
 def start_tracker(cfg: Config, rd: RunDir, k: int, log: Callable[[str], None], enabled: bool = True) -> Tracker:
@@ -556,11 +584,8 @@ def train_fold(
             best = {"val_log_loss": s["log_loss"], "epoch": epoch, "weights": primary}
             since_best = 0
             if rank == 0:
-                atomic_torch_save(
-                    {"model": _eval_model(parts).state_dict(), "epoch": epoch, "config": cfg.to_dict(),
-                     "classes": classes, "val_log_loss": s["log_loss"]},
-                    fp.best,
-                )
+                best["sha256"] = save_best(_eval_model(parts), {"epoch": epoch, "val_log_loss": s["log_loss"]}, cfg,
+                                           classes, fp)
         else:
             since_best += 1
         stop = bool(t.patience) and since_best >= t.patience
@@ -593,6 +618,7 @@ def train_fold(
             return finish_full(parts, cfg, fp, bn_loader, history, plan, classes, len(tr_idx), device, log)
         best = final_candidates(parts, cfg, fp, bn_loader, val_loader, val_labels, history, best, classes, device,
                                 log)
+        best["sha256"] = checked_best_sha256(fp, best)  # before anything reads it again
         for row in history:
             row["chosen"] = "*" if (row["epoch"], row.get("weights", primary)) == (best["epoch"], best["weights"]) \
                 else ""
@@ -683,8 +709,8 @@ def final_candidates(
             f"{s['accuracy']:.3f}" + ("  * (best)" if better else ""))
         if better:
             best = {"val_log_loss": s["log_loss"], "epoch": last_epoch, "weights": name}
-            atomic_torch_save({"model": model.state_dict(), "epoch": last_epoch, "weights": name,
-                               "config": cfg.to_dict(), "classes": classes, "val_log_loss": s["log_loss"]}, fp.best)
+            best["sha256"] = save_best(model, {"epoch": last_epoch, "weights": name, "val_log_loss": s["log_loss"]},
+                                       cfg, classes, fp)
     return best
 
 
@@ -723,14 +749,13 @@ def finish_full(
     else:
         model, weights = parts["model"], "raw"
     last_epoch = history[-1]["epoch"] if history else -1
-    atomic_torch_save({"model": model.state_dict(), "epoch": last_epoch, "weights": weights, "config": cfg.to_dict(),
-                       "classes": classes, "val_log_loss": math.nan}, fp.best)
+    sha256 = save_best(model, {"epoch": last_epoch, "weights": weights, "val_log_loss": math.nan}, cfg, classes, fp)
     for row in history:
         row["weights"], row["chosen"] = weights, "*" if row["epoch"] == last_epoch else ""
     _write_metrics(fp.metrics, history)
     summary = {"fold": "full", "epochs": plan["epochs"], "best_epoch": last_epoch, "best_weights": weights,
                "eval_size": plan["eval_size"], "chosen_by": plan["source"], "fold_weights": plan["fold_weights"],
-               "n_train": n_train, "lr_effective": effective_lr(cfg), "versions": versions()}
+               "n_train": n_train, "lr_effective": effective_lr(cfg), "versions": versions(), "best_sha256": sha256}
     atomic_write_text(fp.summary, json.dumps(summary, indent=1))  # last: marks the full-data fit complete
     log(f"full-data fit: {n_train} photos, {plan['epochs']} epoch(s), {weights} weights saved to {fp.best}")
     return summary
@@ -765,7 +790,7 @@ def write_oof(
     summary = {"fold": fp.k, "best_epoch": best["epoch"], "best_weights": best.get("weights"), "eval_size": eval_size,
                "eval_size_log_loss": {str(k): v for k, v in (size_scores or {}).items()}, "tta": policy,
                "oof_views": views, "lr_effective": effective_lr(cfg), "versions": versions(),
-               **{f"oof_{m}": v for m, v in s.items()}}
+               **{f"oof_{m}": v for m, v in s.items()}, "best_sha256": best.get("sha256") or file_sha256(fp.best)}
     atomic_write_text(fp.summary, json.dumps(summary, indent=1))
     extra = {"features": feats[keep].astype(np.float16)} if feats is not None else {}
     atomic_savez(  # last: its presence marks the fold complete

@@ -1,0 +1,147 @@
+"""Hardening (issue 16, part B), each through the command line as a user meets it: a damaged best.pt, temp files
+an interrupted write left, a bad -o, a sample_submission.csv with IDs test.csv lacks, an edited or malformed
+export.yaml, an oof.npz holding pickled objects."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from carclf.cli import main
+from carclf.config import load_config
+from carclf.errors import CarclfError
+from carclf.io import file_sha256
+from tests.conftest import tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run(synth_data, tmp_path_factory) -> Path:
+    """A tiny run: fold 0, one epoch (read-only: tests that change it work on a copy)."""
+    from carclf.train.loop import train
+
+    return Path(train(load_config(None, tiny_overrides(synth_data, tmp_path_factory.mktemp("hb"))),
+                      log=lambda s: None))
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+def _flip(path: Path, n: int = 64) -> None:
+    """``n`` bytes in the middle of a file inverted: the file still unpickles, its weights are different."""
+    with open(path, "r+b") as fh:
+        fh.seek(path.stat().st_size // 2)
+        block = fh.read(n)
+        fh.seek(-len(block), 1)
+        fh.write(bytes(b ^ 0xFF for b in block))
+
+
+# --------------------------------------------------------------------------------------- 9b: best.pt checksums
+def test_a_damaged_best_pt_is_refused_wherever_it_is_loaded(run, synth_data, tmp_path, capsys):
+    summary = json.loads((run / "fold0" / "summary.json").read_text(encoding="utf-8"))
+    assert summary["best_sha256"] == file_sha256(run / "fold0" / "best.pt")
+    bad = _copy(run, tmp_path / "bad")
+    best = bad / "fold0" / "best.pt"
+    _flip(best)
+    torch.load(best, weights_only=True)  # still a loadable checkpoint: without the check, silent wrong predictions
+    commands = {
+        "predict": ["predict", str(bad), "--data", str(synth_data), "-o", str(tmp_path / "s.csv")],
+        "export": ["export", str(bad), "-o", str(tmp_path / "exp")],
+        "predict --engine onnx": ["predict", str(bad), "--data", str(synth_data), "-o", str(tmp_path / "s.csv"),
+                                  "--engine", "onnx"],
+    }
+    for what, argv in commands.items():
+        assert main(argv) == 2, what
+        err = _one_error_line(capsys)
+        assert f"'{best}' is not the file training wrote" in err, what
+        assert "Retrain fold 0" in err
+        assert "--resume" in err
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_a_run_from_before_checksums_still_loads(run, tmp_path):
+    from carclf.infer.predictor import Predictor
+
+    old = _copy(run, tmp_path / "old")
+    path = old / "fold0" / "summary.json"
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    del summary["best_sha256"]
+    path.write_text(json.dumps(summary), encoding="utf-8")
+    assert Predictor(old, device="cpu").folds == [0]
+
+
+def test_an_ensemble_refuses_a_member_whose_best_pt_was_damaged_before_it_was_built(run, synth_data, tmp_path,
+                                                                                      capsys):
+    """The ensemble records the hash of best.pt as it finds it: a file damaged before that is caught by the hash
+    training recorded."""
+    from carclf.ensemble import build_ensemble
+
+    bad = _copy(run, tmp_path / "bad")
+    _flip(bad / "fold0" / "best.pt")
+    build_ensemble([str(bad)], tmp_path / "ens", cv_folds=2, cv="stratified", log=lambda s: None)
+    assert main(["predict", str(tmp_path / "ens"), "--data", str(synth_data), "-o", str(tmp_path / "s.csv")]) == 2
+    assert "is not the file training wrote" in _one_error_line(capsys)
+
+
+def test_a_best_pt_damaged_while_a_run_was_stopped_is_refused_on_resume(synth_data, tmp_path):
+    """Resuming reads the hash recorded in last.pt when best.pt was written, before best.pt is used again."""
+    from carclf.train.loop import train
+
+    class Stop(Exception):
+        pass
+
+    def stop(k, epoch, row):
+        raise Stop
+
+    cfg = load_config(None, tiny_overrides(synth_data, tmp_path, **{"train.epochs": 1}))
+    with pytest.raises(Stop):
+        train(cfg, on_epoch_end=stop, log=lambda s: None)
+    best = cfg.run_dir / "fold0" / "best.pt"
+    assert torch.load(cfg.run_dir / "fold0" / "last.pt", weights_only=True)["best"]["sha256"] == file_sha256(best)
+    _flip(best)
+    with pytest.raises(CarclfError, match=r"best\.pt' is not the file training wrote.*in last\.pt.*Retrain fold 0"):
+        train(cfg, resume=True, log=lambda s: None)
+    assert not (cfg.run_dir / "fold0" / "oof.npz").exists()
+
+
+# ------------------------------------------------------------------------------------- 11: stale temp files
+def test_resume_removes_the_temp_files_a_killed_write_left_and_nothing_else(synth_data, tmp_path):
+    from carclf.train.loop import train
+
+    class Stop(Exception):
+        pass
+
+    def stop(k, epoch, row):
+        raise Stop
+
+    cfg = load_config(None, tiny_overrides(synth_data, tmp_path, **{"train.epochs": 2}))
+    with pytest.raises(Stop):
+        train(cfg, on_epoch_end=stop, log=lambda s: None)
+    run, fold = cfg.run_dir, cfg.run_dir / "fold0"
+    stale = [fold / ".last.pt.4242.0123456789abcdef.tmp", fold / ".best.pt.4242.fedcba9876543210.tmp",
+             fold / ".metrics.csv.17.00112233445566ff.tmp", run / ".run.json.4242.0123456789abcdef.tmp",
+             run / ".folds.csv.copy.tmp"]
+    mine = [fold / "notes.txt", fold / ".notes.tmp", fold / ".calibration.json.99.0123456789abcdef.tmp",
+            run / ".evaluation.json.99.0123456789abcdef.tmp", run / "todo.txt"]
+    for p in stale + mine:
+        p.write_bytes(b"half a file")
+    logs: list[str] = []
+    train(cfg, resume=True, log=logs.append)
+    assert (fold / "oof.npz").is_file()
+    assert [p.name for p in stale if p.exists()] == []
+    assert [p.name for p in mine if not p.exists()] == []
+    assert any(line.startswith("removed 3 temp file(s)") for line in logs), logs
