@@ -4,10 +4,12 @@ export.yaml, an oof.npz holding pickled objects."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -145,3 +147,69 @@ def test_resume_removes_the_temp_files_a_killed_write_left_and_nothing_else(synt
     assert [p.name for p in stale if p.exists()] == []
     assert [p.name for p in mine if not p.exists()] == []
     assert any(line.startswith("removed 3 temp file(s)") for line in logs), logs
+
+
+# ------------------------------------------------------------------------------------------ 12: predict's -o
+def test_predict_refuses_a_bad_output_path_before_the_work(run, synth_data, tmp_path, monkeypatch, capsys):
+    from carclf.infer import predict
+
+    def no_work(*args, **kw):
+        raise AssertionError("the output path is checked before the model is loaded")
+
+    monkeypatch.setattr(predict, "Predictor", no_work)
+    monkeypatch.setattr(predict, "open_predictor", no_work)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    base = ["predict", str(run), "--data", str(synth_data)]
+    assert main([*base, "-o", str(folder), "--overwrite"]) == 2
+    assert f"-o '{folder}' is a folder: give the submission's file name" in _one_error_line(capsys)
+    assert main([*base, "-o", str(a_file / "s.csv")]) == 2
+    assert f"'{a_file}' is a file, not a folder" in _one_error_line(capsys)
+    assert main([*base, "-o", str(a_file)]) == 2
+    assert "already exists: pass --overwrite" in _one_error_line(capsys)
+    assert a_file.read_text() == "mine"
+    assert list(folder.iterdir()) == []
+
+
+# ----------------------------------------------------------------------- 19: the sample's IDs are the rows
+def _rows(path: Path) -> list[list[str]]:
+    with path.open(encoding="utf-8", newline="") as fh:
+        return list(csv.reader(fh))
+
+
+def _write_rows(path: Path, rows: list[list[str]]) -> None:
+    with path.open("w", encoding="utf-8", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+
+
+def test_the_submission_has_the_samples_rows(run, synth_data, tmp_path, capsys):
+    """sample_submission.csv lists two IDs test.csv lacks whose photos are where test.csv's naming puts them, one
+    with no photo at all, and lacks one of test.csv's IDs: the submission has exactly the sample's rows."""
+    assert main(["predict", str(run), "--data", str(synth_data), "-o", str(tmp_path / "full.csv")]) == 0
+    full = {r[0]: r[1:] for r in _rows(tmp_path / "full.csv")[1:]}
+    data = _copy(synth_data, tmp_path / "data")
+    test = _rows(data / "test.csv")
+    _write_rows(data / "test.csv", test[:-2])  # the last two photos stay in test/
+    sample = _rows(data / "sample_submission.csv")
+    header, ids = sample[0], [r[0] for r in sample[1:]]
+    dropped = ids[0]
+    rows = [r for r in sample if r[0] != dropped] + [["TEST_99999", *sample[1][1:]]]
+    _write_rows(data / "sample_submission.csv", rows)
+    capsys.readouterr()
+    assert main(["predict", str(run), "--data", str(data), "-o", str(tmp_path / "s.csv")]) == 0
+    out = capsys.readouterr().out
+    got = _rows(tmp_path / "s.csv")
+    assert got[0] == header
+    assert [r[0] for r in got[1:]] == [r[0] for r in rows[1:]]  # the sample's IDs, in its order
+    by_id = {r[0]: np.array(r[1:], dtype=float) for r in got[1:]}
+    for i in ids[-2:]:  # found by test.csv's naming: the same prediction as from test.csv
+        np.testing.assert_allclose(by_id[i], np.array(full[i], dtype=float), atol=1e-6)
+    others = np.stack([v for i, v in by_id.items() if i != "TEST_99999"])
+    np.testing.assert_allclose(by_id["TEST_99999"], others.mean(axis=0), atol=1e-4)  # the mean prediction
+    assert "2 ID(s) of sample_submission.csv are not in test.csv; their photos were found" in out
+    assert "warning: 1 of the" in out
+    assert "TEST_99999" in out
+    assert "warning: 1 test.csv ID(s) are not in sample_submission.csv and are left out" in out
+    assert dropped in out

@@ -84,3 +84,27 @@ def test_mismatch_names_the_columns_as_written(tmp_path):
     expected = r"1 column\(s\) the model does not know \( Avante \).*1 trained class\(es\) with no column \(B\)"
     with pytest.raises(CarclfError, match=expected):
         write_submission(tmp_path / "s.csv", ["T0"], np.ones((1, 2)) / 2, ["A", "B"], [" A", " Avante "])
+
+
+def test_a_folder_as_the_output_is_refused_even_with_overwrite(tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(CarclfError, match=r"is a folder: give the submission's file name, e\.g\. -o .*submission\.csv"):
+        write_submission(tmp_path / "out", ["T0"], np.array([[1.0]]), ["A"], ["A"], overwrite=True)
+    assert list((tmp_path / "out").iterdir()) == []
+    deep = write_submission(tmp_path / "new" / "sub" / "s.csv", ["T0"], np.array([[1.0]]), ["A"], ["A"])
+    assert _read(deep)[1] == ["T0", "1"]  # missing parent folders are made
+
+
+def test_rows_follow_the_samples_ids_and_their_photos():
+    from pathlib import Path
+
+    from carclf.data.scan import TestSet
+    from carclf.infer.predict import submission_rows
+
+    test = TestSet(["T0", "T1", "T2"], [Path(f"/d/test/{i}.jpg") for i in ("T0", "T1", "T2")])
+    rows = submission_rows(test, ["T2", "T0", "T9"])
+    assert rows.ids == ["T2", "T0", "T9"]
+    assert rows.paths == [Path("/d/test/T2.jpg"), Path("/d/test/T0.jpg"), None]  # /d/test/T9.jpg is not there
+    assert rows.no_photo == ["T9"]
+    assert rows.dropped == ["T1"]
+    assert submission_rows(test, []).ids == ["T0", "T1", "T2"]  # a sample without rows: test.csv's

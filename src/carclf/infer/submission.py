@@ -1,16 +1,43 @@
-"""The submission file: columns exactly those of sample_submission.csv, rows exactly test.csv's IDs."""
+"""The submission file: columns exactly those of sample_submission.csv, rows its IDs (what the scorer reads)."""
 
 from __future__ import annotations
 
 import csv
 import io
+import os
 from pathlib import Path
 
 import numpy as np
 
-from carclf.data.scan import column_key
+from carclf.data.scan import column_key, read_csv_rows
 from carclf.errors import CarclfError
 from carclf.io import atomic_write_text
+
+
+def check_output(path: Path | str, overwrite: bool = False) -> Path:
+    """Refuse an output path the submission cannot be written to, before any work: a folder, a file already there
+    (without ``overwrite``), a file where a parent folder should be, or a folder this process may not write in.
+    Missing parent folders are fine: they are created."""
+    path = Path(path)
+    if path.is_dir():
+        raise CarclfError(f"-o '{path}' is a folder: give the submission's file name, e.g. -o "
+                          f"{path / 'submission.csv'}")
+    if path.exists() and not overwrite:
+        raise CarclfError(f"'{path}' already exists: pass --overwrite to replace it or choose another -o")
+    parent = path.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CarclfError(f"-o '{path}': '{parent}' is a file, not a folder: choose another -o")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CarclfError(f"-o '{path}': this user may not write in '{parent}': choose another -o")
+    return path
+
+
+def read_sample_ids(path: Path) -> list[str]:
+    """The row IDs of ``sample_submission.csv``, in its order: the rows the scorer reads."""
+    _, rows = read_csv_rows(path)
+    return [r[0].strip() for r in rows if r and r[0].strip()]
 
 
 def align_columns(probs: np.ndarray, classes: list[str], columns: list[str], source: str = "sample_submission.csv"):
@@ -54,9 +81,7 @@ def write_submission(
 ) -> Path:
     """Validate and atomically write ``ID,<columns...>``, the columns exactly as given (as sample_submission.csv has
     them); refuse to replace an existing file unless asked."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise CarclfError(f"'{path}' already exists: pass --overwrite to replace it or choose another -o")
+    path = check_output(path, overwrite)
     if len(ids) != len(probs):
         raise CarclfError(f"{len(ids)} test IDs but {len(probs)} predictions")
     p = finalize(align_columns(probs, classes, columns), eps)
