@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from carclf.cli import main
 from carclf.config import load_config
@@ -213,3 +215,120 @@ def test_the_submission_has_the_samples_rows(run, synth_data, tmp_path, capsys):
     assert "TEST_99999" in out
     assert "warning: 1 test.csv ID(s) are not in sample_submission.csv and are left out" in out
     assert dropped in out
+
+
+# --------------------------------------------------------------------- 9a, 10: export.yaml checked on load
+@pytest.fixture(scope="module")
+def exported(run, tmp_path_factory) -> Path:
+    from carclf.export.exporter import export_model
+
+    out = tmp_path_factory.mktemp("hb-export") / "exp"
+    export_model(run, out, log=lambda s: None)
+    return out
+
+
+def _edit(exp: Path, change) -> None:
+    doc = yaml.safe_load((exp / "export.yaml").read_text(encoding="utf-8"))
+    change(doc)
+    (exp / "export.yaml").write_text(yaml.safe_dump(doc, allow_unicode=True, sort_keys=False), encoding="utf-8")
+
+
+def _old(doc: dict) -> dict:
+    """An export written before the spec's checksum was recorded."""
+    doc.pop("spec_sha256", None)
+    return doc
+
+
+def _reorder(doc: dict) -> None:
+    for key in ("classes", "output_classes"):
+        doc[key] = doc[key][::-1]
+    doc["merge"]["classes"] = doc["classes"]
+    doc["merge"]["original"] = doc["output_classes"]
+
+
+def _outside(exp: Path):
+    def change(doc: dict) -> None:
+        shutil.copyfile(exp / "fold0.onnx", exp.parent / "outside.onnx")
+        doc["engines"][0]["files"]["fp32"]["file"] = "../outside.onnx"
+    return change
+
+
+def _more_classes(doc: dict) -> None:
+    _old(doc)
+    for key in ("classes", "output_classes"):
+        doc[key] = [*doc[key], "extra"]
+    m = doc["merge"]
+    m["classes"], m["original"] = doc["classes"], doc["output_classes"]
+    m["label_map"], m["share"] = [*m["label_map"], len(doc["classes"]) - 1], [*m["share"], 1.0]
+
+
+def _foreign_graph(exp: Path):
+    """A valid ONNX graph, but not this model's (another input size): an old export's yaml names it, checksum and
+    all; ONNX Runtime loads it and would fail only on the first photo."""
+    def change(doc: dict) -> None:
+        import onnx
+        from onnx import TensorProto, helper
+
+        x = helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["batch", 3, 32, 32])
+        y = helper.make_tensor_value_info("logits", TensorProto.UINT8, ["batch", 3, 32, 32])
+        graph = helper.make_graph([helper.make_node("Identity", ["pixels"], ["logits"])], "g", [x], [y])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), exp / "fold0.onnx")
+        _old(doc)["engines"][0]["files"]["fp32"]["sha256"] = file_sha256(exp / "fold0.onnx")
+    return change
+
+
+def _garbage_graph(exp: Path):
+    def change(doc: dict) -> None:
+        (exp / "fold0.onnx").write_bytes(b"\x08\x07garbage" * 100)
+        _old(doc)["engines"][0]["files"]["fp32"]["sha256"] = file_sha256(exp / "fold0.onnx")
+    return change
+
+
+EDITS = {
+    "temperature": (lambda exp: lambda d: d["engines"][0].update(temperature=2.5), "was edited after export"),
+    "class order": (lambda exp: _reorder, "was edited after export"),
+    "predictor block": (lambda exp: lambda d: d.update(predictor={"output_classes": ["a"] * 6}),
+                        r"unknown key 'predictor\.output_classes'"),
+    "engine outside": (_outside, r"'engines\[0\]\.files\.fp32\.file' = '\.\./outside\.onnx' is outside the export"),
+    "unknown key": (lambda exp: lambda d: d.update(tempreature=2), "unknown key 'tempreature'"),
+    "temperature text": (lambda exp: lambda d: _old(d)["engines"][0].update(temperature="hot"),
+                         r"'engines\[0\]\.temperature' must be a number, not 'hot'"),
+    "no engines": (lambda exp: lambda d: _old(d).update(engines=[]), "'engines' is empty"),
+    "engines text": (lambda exp: lambda d: _old(d).update(engines="abc"), "'engines' must be a list, not 'abc'"),
+    "no data_config": (lambda exp: lambda d: _old(d)["engines"][0].pop("data_config"),
+                       r"'engines\[0\]\.data_config' is missing"),
+    "format text": (lambda exp: lambda d: _old(d).update(format="1"), "'format' must be a whole number"),
+    "views": (lambda exp: lambda d: _old(d)["engines"][0].update(views=["orig", "upside_down"]),
+              r"'engines\[0\]\.views': unknown TTA view 'upside_down'"),
+    "class count": (lambda exp: _more_classes, r"fold0\.onnx' outputs 6 classes, export\.yaml lists 7"),
+    "foreign graph": (_foreign_graph, r"fold0\.onnx' takes input \['batch', 3, 32, 32\]"),
+    "garbage graph": (_garbage_graph, r"ONNX Runtime cannot load '.*fold0\.onnx'"),
+}
+
+
+@pytest.mark.parametrize("case", list(EDITS))
+def test_an_edited_or_malformed_export_yaml_is_one_line_exit_2(exported, synth_data, tmp_path, capsys, case):
+    exp = _copy(exported, tmp_path / "exp")
+    make, expected = EDITS[case]
+    _edit(exp, make(exp))
+    argv = ["predict", str(exp), "--data", str(synth_data), "-o", str(tmp_path / "s.csv"), "--engine", "onnx"]
+    assert main(argv) == 2
+    err = _one_error_line(capsys)
+    assert f"'{exp / 'export.yaml'}'" in err or "fold0.onnx" in err
+    assert re.search(expected, err), err
+    assert re.search(r"(?i)export (it|the model) again|re-export with carclf export", err), err  # the remedy
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_an_export_loads_with_its_checksum_and_an_older_one_without(exported, synth_data, tmp_path):
+    from carclf.infer.export_spec import spec_checksum
+    from carclf.infer.onnx_engine import load_exported_predictor
+
+    doc = yaml.safe_load((exported / "export.yaml").read_text(encoding="utf-8"))
+    assert doc["spec_sha256"] == spec_checksum(doc)
+    photos = sorted((synth_data / "test").glob("*.jpg"))[:4]
+    p_new, _ = load_exported_predictor(exported).predict(photos, num_workers=0)
+    old = _copy(exported, tmp_path / "old")
+    _edit(old, _old)
+    p_old, _ = load_exported_predictor(old).predict(photos, num_workers=0)
+    np.testing.assert_array_equal(p_new, p_old)

@@ -34,6 +34,7 @@ from carclf.ensemble.spec import CALIBRATION_FILE, save_calibration
 from carclf.errors import CarclfError
 from carclf.export.photos import FoldPhotos, oof_photos, synthetic_photos, training_photos
 from carclf.export.quantize import INT8_MODES, quantize_engine
+from carclf.infer.export_spec import SPEC_KEY, spec_checksum
 from carclf.infer.onnx_engine import (
     EXPORT_FILE,
     EXPORT_FORMAT,
@@ -200,7 +201,10 @@ def _plain(obj: Any) -> Any:
 
 
 def _write_doc(out: Path, doc: dict[str, Any]) -> None:
-    text = yaml.safe_dump(_plain(doc), allow_unicode=True, sort_keys=False, width=120, default_flow_style=None)
+    """export.yaml, with the checksum of its content (``spec_sha256``, last) that the loader checks."""
+    plain = {k: v for k, v in _plain(doc).items() if k != SPEC_KEY}
+    plain[SPEC_KEY] = spec_checksum(plain)
+    text = yaml.safe_dump(plain, allow_unicode=True, sort_keys=False, width=120, default_flow_style=None)
     atomic_write_text(out / EXPORT_FILE, text)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from carclf.errors import CarclfError
+from carclf.infer.export_spec import engine_classes, validate_export
 from carclf.io import file_sha256, read_yaml
 
 EXPORT_FILE = "export.yaml"
@@ -68,7 +69,7 @@ class OnnxFold:
     engine = "onnx"
 
     def __init__(self, path: Path | str, dcfg: dict[str, Any], views: list[str], threads: int | None = None,
-                 precision: str = "fp32") -> None:
+                 precision: str = "fp32", n_classes: int | None = None) -> None:
         import onnxruntime as ort
 
         self.path, self.dcfg, self.views, self.precision = Path(path), dcfg, list(views), precision
@@ -78,15 +79,31 @@ class OnnxFold:
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
             raise CarclfError(f"ONNX Runtime cannot load '{self.path}': {exc}. Export it again with carclf "
                               "export.") from exc
-        self.input_name = self.session.get_inputs()[0].name
-        self.output_name = self.session.get_outputs()[0].name
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise CarclfError(f"'{self.path}' has {len(inputs)} input(s) and {len(outputs)} output(s), not the one "
+                              "of each carclf exports: export it again")
+        self.input_name, self.output_name = inputs[0].name, outputs[0].name
+        # The graph's fixed sizes against the spec's, now rather than as ONNX Runtime's error on the first photo.
+        shape, out = list(inputs[0].shape), list(outputs[0].shape)
+        want = [3, int(dcfg["input_size"][1]), int(dcfg["input_size"][2])]
+        if len(shape) != 4 or any(isinstance(a, int) and a != b for a, b in zip(shape[1:], want, strict=True)):
+            raise CarclfError(f"'{self.path}' takes input {shape}, export.yaml's data_config says "
+                              f"[batch, {', '.join(map(str, want))}]: export it again")
+        if n_classes is not None and (len(out) != 2 or (isinstance(out[1], int) and out[1] != n_classes)):
+            raise CarclfError(f"'{self.path}' outputs {out[-1] if out else '?'} classes, export.yaml lists "
+                              f"{n_classes}: the classes do not belong to this graph; export it again")
 
     def logits(self, x) -> np.ndarray:
         """Float64 logits (batch, classes) of a uint8 NCHW batch (a torch tensor or a numpy array)."""
         a = x.numpy() if hasattr(x, "numpy") else np.asarray(x)
         if a.dtype != np.uint8:
             raise TypeError(f"OnnxFold takes uint8 pixels (the eval transform's output), got {a.dtype}")
-        out = self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(a)})[0]
+        try:
+            out = self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(a)})[0]
+        except Exception as exc:  # ORT raises its own Fail/InvalidArgument/RuntimeException types
+            raise CarclfError(f"ONNX Runtime failed running '{self.path}': {str(exc).splitlines()[0][:300]}. "
+                              "Export it again with carclf export.") from exc
         return out.astype(np.float64)
 
     def __repr__(self) -> str:
@@ -112,9 +129,7 @@ def read_export(export_dir: Path | str) -> dict[str, Any]:
     missing = [k for k in needed if not isinstance(doc, dict) or k not in doc]
     if missing:
         raise CarclfError(f"'{path}' lacks {', '.join(missing)}: it was not written by carclf export")
-    if doc["format"] > EXPORT_FORMAT:
-        raise CarclfError(f"'{path}' has export format {doc['format']}, newer than this carclf reads "
-                          f"({EXPORT_FORMAT}): upgrade carclf")
+    validate_export(doc, path, export_dir, EXPORT_FORMAT)  # keys, types, files inside, the spec's checksum
     return doc
 
 
@@ -159,7 +174,7 @@ def load_engines(export_dir: Path | str, doc: dict[str, Any] | None = None, prec
     export_dir = Path(export_dir)
     doc = doc or read_export(export_dir)
     return [OnnxFold(engine_file(export_dir, e, precision), dcfg_from_yaml(e["data_config"]), e["views"], threads,
-                     precision) for e in doc["engines"]]
+                     precision, n) for e, n in zip(doc["engines"], engine_classes(doc), strict=True)]
 
 
 def swap_engines(predictor, export_dir: Path | str, precision: str = "fp32", threads: int | None = None):
