@@ -1,16 +1,20 @@
 """The HTTP service: every endpoint and every bad input through FastAPI's TestClient, micro-batching, bounded memory
-across bad requests, API keys, the CLI under real uvicorn, and the upload page in headless Chromium."""
+across bad requests, API keys, the CLI under real uvicorn (hostile photos under a memory limit, a malformed DDS on a
+keep-alive connection), and the upload page in headless Chromium."""
 
 from __future__ import annotations
 
 import gc
 import io
 import os
+import resource
 import socket
+import struct
 import subprocess
 import sys
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -73,10 +77,17 @@ def _photos(data: Path, n: int) -> list[Path]:
     return sorted((data / "test").glob("*.jpg"))[:n]
 
 
-def _png(w: int, h: int) -> bytes:
+def _png(w: int, h: int, mode: str = "RGB") -> bytes:
     buf = io.BytesIO()
-    Image.new("RGB", (w, h), (90, 120, 200)).save(buf, format="PNG", optimize=True)
+    Image.new(mode, (w, h), (90, 120, 200) if mode == "RGB" else 0).save(buf, format="PNG", optimize=True)
     return buf.getvalue()
+
+
+def _dds_bad_pixel_format() -> bytes:
+    """A DDS header with an unknown FourCC: Pillow's DDS plugin raises NotImplementedError from Image.open."""
+    header = struct.pack("<4s7I44s", b"DDS ", 124, 0x1007, 4, 4, 0, 0, 0, b"\0" * 44)
+    pixel_format = struct.pack("<8I", 32, 0x4, int.from_bytes(b"ABCD", "little"), 0, 0, 0, 0, 0)
+    return header + pixel_format + struct.pack("<5I", 0x1000, 0, 0, 0, 0) + b"\0" * 64
 
 
 def test_endpoints(client_for, predictor):
@@ -148,6 +159,12 @@ def _bad_requests(synth_data: Path) -> dict[str, tuple[dict, int, str]]:
         "truncated": ({"files": [("file", ("t.jpg", good[: len(good) // 2], "image/jpeg"))]}, 422,
                       "undecodable_image"),
         "bomb": ({"files": [("file", ("bomb.png", _png(3000, 3000), "image/png"))]}, 413, "too_many_pixels"),
+        "aspect-ratio bomb": ({"files": [("file", ("long.png", _png(20_000, 20, "L"), "image/png"))]}, 422,
+                              "bad_shape"),
+        "malformed DDS": ({"files": [("file", ("x.dds", _dds_bad_pixel_format(), "image/x-dds"))]}, 415,
+                          "not_an_image"),
+        "bad multipart": ({"content": b"--x\r\nnot a part", "headers": {
+            "content-type": "multipart/form-data; boundary=x"}}, 400, "bad_multipart"),
         "too many files": ({"files": [("file", (f"{i}.jpg", good, "image/jpeg")) for i in range(5)]}, 413,
                            "too_many_files"),
         "file too large": ({"files": [("file", ("big.jpg", good + b"\0" * 300_000, "image/jpeg"))]}, 413,
@@ -170,6 +187,8 @@ def test_bad_inputs_are_4xx_json_and_the_service_lives_on(client_for, synth_data
         body = r.json()
         assert body["error"] == code, name
         assert body["detail"], name
+        if code == "too_many_pixels":
+            assert "--max-pixels" in body["detail"]  # the setting to change, as the service calls it
     # the request as a whole over the limit (Content-Length): refused before it is read
     big = c.post("/v1/predict", content=b"x" * (4 * 250_000 + (1 << 20) + 10),
                  headers={"content-type": "multipart/form-data; boundary=x"})
@@ -275,9 +294,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass
+class Served:
+    url: str
+    port: int
+    proc: subprocess.Popen
+    log: Path
+
+
 @pytest.fixture(scope="module")
-def server(export_dir, tmp_path_factory):
-    """``carclf serve EXPORT`` in its own process under uvicorn on a free loopback port; yields its base URL."""
+def served(export_dir, tmp_path_factory):
+    """``carclf serve EXPORT`` in its own process under uvicorn on a free loopback port (stdout and stderr in
+    ``log``)."""
 
     port = _free_port()
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
@@ -291,7 +319,7 @@ def server(export_dir, tmp_path_factory):
             wait_until_ready(url, proc, 180)
         except CarclfError as exc:
             pytest.fail(f"{exc}: {log.read_text()[-2000:]}")
-        yield url
+        yield Served(url, port, proc, log)
     finally:
         proc.terminate()
         try:
@@ -299,6 +327,67 @@ def server(export_dir, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(served) -> str:
+    """The base URL of :func:`served`."""
+    return served.url
+
+
+def _status(pid: int, field: str) -> int:
+    """A /proc/PID/status field in bytes (VmSize, VmRSS, ...)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _predicted(metrics: str) -> float:
+    (line,) = [x for x in metrics.splitlines() if x.startswith("carclf_photos_predicted_total ")]
+    return float(line.split()[1])
+
+
+def test_aspect_ratio_bomb_is_refused_from_the_header_under_a_memory_limit(served, synth_data):
+    """A 2,000,000 x 20 PNG (38 KB, 40 MP: within --max-pixels) once made the server grow by gigabytes while it was
+    resized to the input; now its header is enough to refuse it. Its address space is capped 2 GiB above what it
+    has mapped now while the bomb is sent, so the old behaviour fails instead of taking memory from the machine."""
+    import httpx
+
+    bomb = _png(2_000_000, 20, "L")
+    good = _photos(synth_data, 1)[0].read_bytes()
+    soft, hard = resource.prlimit(served.proc.pid, resource.RLIMIT_AS)
+    cap = _status(served.proc.pid, "VmSize") + (2 << 30)
+    resource.prlimit(served.proc.pid, resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard),
+                                                           hard))
+    try:
+        with httpx.Client(base_url=served.url, timeout=60) as c:
+            predicted = _predicted(c.get("/metrics").text)
+            r = c.post("/v1/predict", files=[("file", ("long.png", bomb, "image/png"))])
+            assert r.status_code == 422, r.text
+            assert r.json()["error"] == "bad_shape"
+            assert r.json()["filename"] == "long.png"
+            assert "2000000x20" in r.json()["detail"]
+            assert c.get("/readyz").status_code == 200
+            assert c.post("/v1/predict", files=[("file", ("g.jpg", good, "image/jpeg"))]).status_code == 200
+            assert _predicted(c.get("/metrics").text) == predicted + 1  # the bomb never reached the engines
+    finally:
+        resource.prlimit(served.proc.pid, resource.RLIMIT_AS, (soft, hard))
+
+
+def test_a_malformed_dds_is_415_and_the_keep_alive_connection_answers_the_next_request(served, synth_data):
+    import httpx
+
+    good = _photos(synth_data, 1)[0].read_bytes()
+    with httpx.Client(base_url=served.url, timeout=60) as c:
+        bad = c.post("/v1/predict", files=[("file", ("x.dds", _dds_bad_pixel_format(), "image/x-dds"))])
+        assert bad.status_code == 415, bad.text
+        assert bad.json()["error"] == "not_an_image"
+        assert "JPEG, PNG, WebP, BMP, GIF, TIFF" in bad.json()["detail"]
+        nxt = c.post("/v1/predict", files=[("file", ("g.jpg", good, "image/jpeg"))])
+        assert nxt.status_code == 200
+        first, second = (r.extensions["network_stream"].get_extra_info("client_addr") for r in (bad, nxt))
+        assert first == second  # the same connection: the refusal did not close it
 
 
 def test_cli_serves_under_uvicorn(server, synth_data, predictor):

@@ -163,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a micro-batch waits for more photos")
     sv.add_argument("--max-files", type=int, default=16, help="photos per request")
     sv.add_argument("--max-file-mb", type=float, default=10.0, help="size limit per photo")
-    sv.add_argument("--max-pixels", type=int, default=40_000_000, help="width x height limit per photo")
+    sv.add_argument("--max-pixels", type=int, default=40_000_000,
+                    help="width x height limit per photo, checked from the header (0: none). Below training's "
+                    "data.max_pixels (90 MP) on purpose: a 90 MP photo is 270 MB of RGB per request in flight")
     sv.set_defaults(func=_serve)
 
     en = sub.add_parser("ensemble", help="combine runs (or some of their folds) into an ensemble chosen on "

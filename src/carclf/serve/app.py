@@ -10,8 +10,10 @@ Concurrent requests are micro-batched: handlers put their photos on an asyncio q
 event loop never blocks on decoding or the network, and the engines see batches instead of single photos.
 
 Every bad input is a 4xx JSON error ``{"error": code, "detail": what was wrong, ...}``: empty request, too many
-files, a file or request too large, an empty file, a file that is not an image, too many pixels (decompression
-bombs), a truncated photo. Uploads are read into memory only up to the limits, and nothing of a request is kept.
+files, a file or request too large, an empty file, a file that is not one of the listed formats (whatever a decoder
+raises on it: 415, never a 500), too many pixels (decompression bombs, 413 naming ``--max-pixels``), a shape no
+photo has (aspect-ratio bombs, 422 ``bad_shape``), a truncated photo. Uploads are read into memory only up to the
+limits, and nothing of a request is kept.
 """
 
 
@@ -267,8 +269,13 @@ async def _send_json(send, status: int, body: dict) -> None:
 
 
 def check_photo(data: bytes, name: str, settings: ServeSettings) -> None:
-    """Refuse a file from its header alone (no decoding): empty, too large, not an image, too many pixels."""
-    from PIL import Image, UnidentifiedImageError
+    """Refuse a file from its header alone (no decoding): empty, too large, not one of the listed formats (415,
+    whatever the decoder raised: a client's file is never a 500), too many pixels (413 naming ``--max-pixels``), an
+    aspect ratio no photo has (422 ``bad_shape``: a 2,000,000 x 20 PNG is 5 KB but the resize to the input would
+    make it gigabytes)."""
+    from PIL import Image
+
+    from carclf.data.imageio import FORMAT_LIST, UnreadablePhoto, check_shape, open_image
 
     if not data:
         raise ApiError(400, "empty_file", f"'{name}' is empty")
@@ -278,16 +285,20 @@ def check_photo(data: bytes, name: str, settings: ServeSettings) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
+            with open_image(io.BytesIO(data)) as img:
                 w, h = img.size
+    except Image.DecompressionBombError as exc:  # Pillow's own guard, far above ours
+        raise ApiError(413, "too_many_pixels", f"'{name}': {exc} (--max-pixels={settings.max_pixels:,})",
+                       filename=name) from None
+    except Exception as exc:  # noqa: BLE001 - whatever a decoder raises on a header is the file's fault: 415
+        raise ApiError(415, "not_an_image", f"'{name}' is not an image this service can read ({FORMAT_LIST}): "
+                       f"{type(exc).__name__}", filename=name) from None
+    try:
+        check_shape(w, h, settings.max_pixels, "--max-pixels")
     except Image.DecompressionBombError as exc:
         raise ApiError(413, "too_many_pixels", f"'{name}': {exc}", filename=name) from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise ApiError(415, "not_an_image", f"'{name}' is not an image this service can read (JPEG, PNG, WebP, "
-                       f"BMP, GIF, TIFF): {type(exc).__name__}", filename=name) from None
-    if settings.max_pixels and w * h > settings.max_pixels:
-        raise ApiError(413, "too_many_pixels", f"'{name}' is {w}x{h} = {w * h:,} pixels; at most "
-                       f"{settings.max_pixels:,} (a decompression-bomb guard)", filename=name)
+    except UnreadablePhoto as exc:
+        raise ApiError(422, "bad_shape", f"'{name}': {exc}", filename=name) from None
 
 
 def decode_error(data: bytes, max_pixels: int) -> str:
@@ -295,7 +306,7 @@ def decode_error(data: bytes, max_pixels: int) -> str:
     from carclf.data.imageio import load_rgb
 
     try:
-        load_rgb(data, max_pixels=max_pixels)
+        load_rgb(data, max_pixels=max_pixels, limit_name="--max-pixels")
     except Exception as exc:  # noqa: BLE001 - the message is the answer
         return f"{type(exc).__name__}: {exc}"
     return "the photo could not be decoded"
