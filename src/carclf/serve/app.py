@@ -3,7 +3,8 @@
 - ``POST /v1/predict``: one or several photos (multipart, any field name) -> top-k classes with calibrated
   probabilities and the model's version.
 - ``GET /v1/classes``, ``GET /healthz`` (alive), ``GET /readyz`` (warmed up, inference thread running),
-  ``GET /metrics`` (Prometheus), ``GET /`` (the upload page, no CDN).
+  ``GET /metrics`` (Prometheus), ``GET /`` (the upload page, no CDN); ``GET /docs`` and ``/openapi.json`` only
+  while no API key is set.
 
 Concurrent requests are micro-batched: handlers put their photos on an asyncio queue; one task gathers up to
 ``max_batch`` photos (waiting at most ``max_wait_ms`` for company) and hands them to the one inference thread, so the
@@ -42,8 +43,8 @@ class ServeSettings:
     max_file_bytes: int = 10 * MiB  # per photo
     max_pixels: int = 40_000_000  # width x height, checked from the header before decoding (decompression bombs)
     max_queue: int = 256  # photos waiting for inference beyond which requests get 503 (back-pressure)
-    top_k: int = 5  # default k of top-k
-    api_key: str | None = None  # when set, /v1/* need the header X-API-Key with this value
+    top_k: int = 5  # default k of top-k (capped at the class count when a request gives none)
+    api_key: str | None = None  # when set, /v1/* need the header X-API-Key with this value; /docs is closed
 
     @property
     def max_request_bytes(self) -> int:
@@ -203,7 +204,7 @@ class MicroBatcher:
 class BodyLimit:
     """ASGI middleware refusing request bodies over ``limit`` bytes with 413, by Content-Length before reading
     and by counting while reading (chunked uploads). Written here because neither Starlette nor uvicorn limits
-    the request body."""
+    the request body. Its refusals are counted by :class:`RequestMetrics` (outside it) under their real route."""
 
     def __init__(self, app, limit: int, on_refuse=None) -> None:
         self.app, self.limit, self.on_refuse = app, limit, on_refuse
@@ -234,10 +235,21 @@ class BodyLimit:
 
 class RequestMetrics:
     """ASGI middleware counting requests by route and status and timing them. Plain ASGI rather than Starlette's
-    ``@app.middleware("http")``, which runs every request through an extra task group and memory streams."""
+    ``@app.middleware("http")``, which runs every request through an extra task group and memory streams.
+    Outermost, so it also counts what :class:`BodyLimit` refuses, by the route the path would have reached
+    ("other" for unknown paths)."""
 
-    def __init__(self, app, metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
+    def __init__(self, app, metrics: Metrics, routes=()) -> None:
+        self.app, self.metrics, self.routes = app, metrics, routes
+
+    def route_of(self, scope) -> str:
+        route = scope.get("route")  # the router sets the matched route in the scope
+        if route is None:
+            from starlette.routing import Match
+
+            route = next((r for r in self.routes if r.matches(scope)[0] is not Match.NONE), None)
+        return getattr(route, "path", "other")
+
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -254,7 +266,7 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            path = getattr(scope.get("route"), "path", "other")  # the router sets the matched route in the scope
+            path = self.route_of(scope)
             self.metrics.requests.labels(route=path, status=str(status)).inc()
             self.metrics.latency.labels(route=path).observe(time.perf_counter() - t0)
 
@@ -375,7 +387,11 @@ def create_app(predictor, settings: ServeSettings | None = None):
             state["ready"] = False
             await batcher.stop()
 
-    app = FastAPI(title="carclf", version=version, lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    # With an API key the interactive docs and the schema are closed too (not merely keyed: a browser opening /docs
+    # cannot send X-API-Key); the README documents the API.
+    open_docs = settings.api_key is None
+    app = FastAPI(title="carclf", version=version, lifespan=lifespan, docs_url="/docs" if open_docs else None,
+                  openapi_url="/openapi.json" if open_docs else None, redoc_url=None)
     app.state.metrics, app.state.settings, app.state.predictor = metrics, settings, predictor
 
     @app.exception_handler(ApiError)
@@ -439,7 +455,8 @@ def create_app(predictor, settings: ServeSettings | None = None):
 
     @app.post("/v1/predict", dependencies=[Depends(require_key)])
     async def v1_predict(request: Request, top_k: int | None = None):
-        k = settings.top_k if top_k is None else top_k
+        # The default is capped at the class count (a 3-class model answers its 3); an explicit k over it is an error.
+        k = min(settings.top_k, len(classes)) if top_k is None else top_k
         if not 1 <= k <= len(classes):
             raise ApiError(422, "invalid_parameter", f"top_k must be in 1..{len(classes)}, got {k}")
         ctype = request.headers.get("content-type", "")
@@ -484,9 +501,8 @@ def create_app(predictor, settings: ServeSettings | None = None):
         return {"model": {"version": version, "engine": engine, "precision": precision},
                 "predictions": predictions, "elapsed_ms": round((time.perf_counter() - t0) * 1000, 1)}
 
-    app.add_middleware(RequestMetrics, metrics=metrics)
-    # Outermost, so an oversized request is refused before anything reads it.
+    # BodyLimit refuses an oversized request before anything reads it; RequestMetrics, outermost, counts that too.
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes,
-                       on_refuse=lambda: (metrics.errors.labels(code="request_too_large").inc(),
-                                          metrics.requests.labels(route="/v1/predict", status="413").inc()))
+                       on_refuse=lambda: metrics.errors.labels(code="request_too_large").inc())
+    app.add_middleware(RequestMetrics, metrics=metrics, routes=app.router.routes)
     return app
