@@ -1,6 +1,7 @@
 """The HTTP service: every endpoint and every bad input through FastAPI's TestClient, micro-batching, bounded memory
 across bad requests, API keys, the CLI under real uvicorn (hostile photos under a memory limit, a malformed DDS on a
-keep-alive connection), and the upload page in headless Chromium."""
+keep-alive connection, an upload aborted mid-body), and the upload page in headless Chromium. More hostile clients,
+against a stand-in model: tests/test_serve_hardening.py."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -388,6 +390,28 @@ def test_a_malformed_dds_is_415_and_the_keep_alive_connection_answers_the_next_r
         assert nxt.status_code == 200
         first, second = (r.extensions["network_stream"].get_extra_info("client_addr") for r in (bad, nxt))
         assert first == second  # the same connection: the refusal did not close it
+
+
+def test_an_upload_aborted_mid_body_is_counted_as_499_without_a_traceback(served):
+    import httpx
+
+    sock = socket.create_connection(("127.0.0.1", served.port), timeout=10)
+    head = (f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1:{served.port}\r\n"
+            "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 500000\r\n\r\n").encode()
+    part = b'--b\r\nContent-Disposition: form-data; name="file"; filename="cut.jpg"\r\n\r\n' + b"\xff" * 100_000
+    sock.sendall(head + part)
+    time.sleep(0.3)  # let the server start reading the body
+    sock.close()
+    deadline, text = time.monotonic() + 20, ""
+    while 'route="/v1/predict",status="499"' not in text:
+        assert time.monotonic() < deadline, f"no 499 in /metrics:\n{text}"
+        time.sleep(0.2)
+        text = httpx.get(f"{served.url}/metrics", timeout=10).text
+    assert 'carclf_errors_total{code="client_closed"}' in text
+    assert 'status="500"' not in text
+    log = served.log.read_text()
+    assert "Exception in ASGI application" not in log
+    assert "Traceback" not in log
 
 
 def test_cli_serves_under_uvicorn(server, synth_data, predictor):

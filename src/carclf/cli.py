@@ -69,9 +69,11 @@ def _serve(args: argparse.Namespace) -> None:
     from carclf.serve.server import serve
 
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_files=args.max_files,
-                             max_file_bytes=int(args.max_file_mb * MiB), max_pixels=args.max_pixels)
+                             max_file_bytes=int(args.max_file_mb * MiB), max_pixels=args.max_pixels,
+                             body_timeout_s=args.body_timeout, max_upload_bytes=int(args.max_upload_mb * MiB))
     serve(args.source, host=args.host, port=args.port, workers=args.workers, api_key_env=args.api_key_env,
-          int8=args.int8, threads=args.threads, settings=settings)
+          int8=args.int8, threads=args.threads, settings=settings, shutdown_timeout=args.shutdown_timeout,
+          keep_alive_timeout=args.keep_alive_timeout)
 
 
 def _ensemble(args: argparse.Namespace) -> None:
@@ -166,6 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-pixels", type=int, default=40_000_000,
                     help="width x height limit per photo, checked from the header (0: none). Below training's "
                     "data.max_pixels (90 MP) on purpose: a 90 MP photo is 270 MB of RGB per request in flight")
+    sv.add_argument("--max-upload-mb", type=float, default=256.0,
+                    help="request-body bytes all uploads in flight may hold together (more: 503 busy, Retry-After)")
+    sv.add_argument("--body-timeout", type=float, default=60.0,
+                    help="seconds a request's whole body may take to arrive (slower: 408)")
+    sv.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                    help="seconds an idle keep-alive connection stays open")
+    sv.add_argument("--shutdown-timeout", type=float, default=20.0,
+                    help="seconds requests in flight get to finish after SIGTERM before they are cancelled")
     sv.set_defaults(func=_serve)
 
     en = sub.add_parser("ensemble", help="combine runs (or some of their folds) into an ensemble chosen on "

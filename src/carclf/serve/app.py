@@ -13,8 +13,14 @@ event loop never blocks on decoding or the network, and the engines see batches 
 Every bad input is a 4xx JSON error ``{"error": code, "detail": what was wrong, ...}``: empty request, too many
 files, a file or request too large, an empty file, a file that is not one of the listed formats (whatever a decoder
 raises on it: 415, never a 500), too many pixels (decompression bombs, 413 naming ``--max-pixels``), a shape no
-photo has (aspect-ratio bombs, 422 ``bad_shape``), a truncated photo. Uploads are read into memory only up to the
-limits, and nothing of a request is kept.
+photo has (aspect-ratio bombs, 422 ``bad_shape``), a truncated photo, a body that does not arrive within
+``body_timeout_s`` (408). A client that goes away mid-upload is counted as 499 ``client_closed`` (nginx's code), not
+as a server fault.
+
+Uploads are parsed while they stream in (python-multipart's ``MultipartParser``, the parser Starlette uses) into
+memory, never spooled to disk: a file is refused (413) as soon as it passes ``max_file_bytes``, and the bytes held by
+all uploads in flight are capped by ``max_upload_bytes`` (503 ``busy`` with Retry-After beyond it), so memory is
+bounded whatever clients send. Nothing of a request is kept after its answer.
 """
 
 
@@ -44,6 +50,8 @@ class ServeSettings:
     max_pixels: int = 40_000_000  # width x height, checked from the header before decoding (decompression bombs)
     max_queue: int = 256  # photos waiting for inference beyond which requests get 503 (back-pressure)
     top_k: int = 5  # default k of top-k (capped at the class count when a request gives none)
+    body_timeout_s: float = 60.0  # the whole request body must arrive within this (slow clients: 408)
+    max_upload_bytes: int = 256 * MiB  # request-body bytes held by all uploads in flight (503 busy beyond)
     api_key: str | None = None  # when set, /v1/* need the header X-API-Key with this value; /docs is closed
 
     @property
@@ -58,6 +66,15 @@ class ServeSettings:
                 raise CarclfError(f"serve: {name} must be at least 1")
         if self.max_wait_ms < 0 or self.max_pixels < 0:
             raise CarclfError("serve: max_wait_ms and max_pixels must be 0 or more")
+        if self.body_timeout_s <= 0:
+            raise CarclfError("serve: body_timeout_s must be more than 0")
+        if self.max_upload_bytes < self.max_file_bytes + MiB:
+            raise CarclfError(f"serve: max_upload_bytes ({self.max_upload_bytes:,}) must hold at least one photo of "
+                              f"max_file_bytes ({self.max_file_bytes:,}) and its framing (1 MiB)")
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its request body arrived: counted as 499, nothing is answered."""
 
 
 class ApiError(Exception):
@@ -91,6 +108,7 @@ class Metrics:
         self.inference = Histogram("carclf_inference_seconds", "decoding + engines per micro-batch", registry=r,
                                    buckets=(0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5))
         self.queued = Gauge("carclf_queued_photos", "photos waiting for the inference thread", registry=r)
+        self.upload_bytes = Gauge("carclf_upload_bytes", "request-body bytes held by uploads in flight", registry=r)
         info = Gauge("carclf_model_info", "the model served", ["version", "engine"], registry=r)
         info.labels(version=version, engine=engine).set(1)
         self.batch_sizes: list[int] = []  # the last batch sizes, for tests and the log (bounded)
@@ -218,7 +236,7 @@ class BodyLimit:
                 self.on_refuse()
             return await _send_json(send, 413, ApiError(
                 413, "request_too_large", f"the request is {int(length):,} bytes; at most {self.limit:,} accepted "
-                "(fewer or smaller photos per request)").body())
+                "(fewer or smaller photos per request)").body(), close=True)
         seen = 0
 
         async def counted():
@@ -231,6 +249,162 @@ class BodyLimit:
             return message
 
         return await self.app(scope, counted, send)
+
+
+class UploadBudget:
+    """The request-body bytes held by all uploads in flight, capped at ``limit``: a request takes its bytes as they
+    arrive and gives them back when it is answered; one that would pass the cap is refused with 503. All calls
+    come from the event loop's thread, so no lock is needed."""
+
+    def __init__(self, limit: int, gauge) -> None:
+        self.limit, self.gauge, self.held = limit, gauge, 0
+
+    def check(self, n: int) -> None:
+        """503 if ``n`` more bytes would not fit now (a request's declared length, refused before reading it)."""
+        if self.held + n > self.limit:
+            raise ApiError(503, "busy", f"uploads in progress hold {self.held:,} of {self.limit:,} bytes "
+                           "(--max-upload-mb); retry shortly", retry_after_s=1)
+
+    def take(self, n: int) -> None:
+        self.check(n)
+        self.held += n
+        self.gauge.set(self.held)
+
+    def give(self, n: int) -> None:
+        self.held -= n
+        self.gauge.set(self.held)
+
+
+class MultipartUploads:
+    """A multipart/form-data body parsed while it streams in, into memory (python-multipart's streaming parser,
+    as Starlette's ``request.form()`` uses it, but without spooling files to disk): the files' bytes, refused as
+    soon as one passes ``max_file_bytes`` or there are more than ``max_files``. Fields without a filename are
+    ignored (at most 64 KiB each, ``max_files + 8`` of them)."""
+
+    MAX_FIELD = 64 * 1024
+
+    def __init__(self, content_type: str, settings: ServeSettings) -> None:
+        from python_multipart.multipart import MultipartParser, parse_options_header
+
+        self._options = parse_options_header
+        _, params = parse_options_header(content_type)
+        boundary = params.get(b"boundary")
+        if not boundary:
+            raise ApiError(400, "bad_multipart", "the multipart Content-Type has no boundary")
+        self.settings = settings
+        self.files: list[tuple[str, bytes]] = []
+        self._fields = 0
+        self._header_name = self._header_value = b""
+        self._disposition = b""
+        self._name, self._data, self._is_file = "", bytearray(), False
+        callbacks = {"on_part_begin": self._part_begin, "on_part_data": self._part_data,
+                     "on_part_end": self._part_end, "on_header_field": self._header_field,
+                     "on_header_value": self._header_val, "on_header_end": self._header_end,
+                     "on_headers_finished": self._headers_finished}
+        try:
+            self.parser = MultipartParser(boundary, callbacks)
+        except Exception as exc:  # noqa: BLE001 - a bad boundary is the client's
+            raise ApiError(400, "bad_multipart", f"bad multipart boundary: {exc}") from None
+
+    def write(self, chunk: bytes) -> None:
+        from python_multipart.exceptions import FormParserError
+
+        try:
+            self.parser.write(chunk)
+        except FormParserError as exc:
+            raise ApiError(400, "bad_multipart", f"invalid multipart data: {exc}") from None
+
+    def finish(self) -> list[tuple[str, bytes]]:
+        from python_multipart.multipart import MultipartState
+
+        if self.parser.state != MultipartState.END:
+            raise ApiError(400, "bad_multipart", "the multipart body ends before its closing boundary")
+        return self.files
+
+    def _part_begin(self) -> None:
+        self._disposition, self._data = b"", bytearray()
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def _header_val(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _header_end(self) -> None:
+        if self._header_name.lower() == b"content-disposition":
+            self._disposition = self._header_value
+        self._header_name = self._header_value = b""
+
+    def _headers_finished(self) -> None:
+        _, options = self._options(self._disposition)
+        if b"name" not in options:
+            raise ApiError(400, "bad_multipart", 'a multipart part has no Content-Disposition "name"')
+        self._is_file = b"filename" in options
+        key = _decode_name(options[b"name"])
+        if self._is_file:
+            if len(self.files) >= self.settings.max_files:
+                raise ApiError(413, "too_many_files", f"more than {self.settings.max_files} files in one request; "
+                               "send fewer per request")
+            self._name = _decode_name(options[b"filename"]) or key
+        else:
+            self._fields += 1
+            if self._fields > self.settings.max_files + 8:
+                raise ApiError(400, "bad_multipart", f"more than {self.settings.max_files + 8} form fields")
+            self._name = key
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        limit = self.settings.max_file_bytes if self._is_file else self.MAX_FIELD
+        if len(self._data) + end - start > limit:
+            if self._is_file:
+                raise ApiError(413, "file_too_large", f"'{self._name}' is over {limit:,} bytes, the limit per photo "
+                               "(--max-file-mb); refused without reading the rest", filename=self._name)
+            raise ApiError(400, "bad_multipart", f"form field '{self._name}' is over {limit:,} bytes")
+        self._data += data[start:end]
+
+    def _part_end(self) -> None:
+        if self._is_file:
+            self.files.append((self._name, bytes(self._data)))
+        self._data = bytearray()
+
+
+def _decode_name(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+BODY_DONE = "carclf.body_done"  # scope key: the request's body has been read to its end
+
+
+async def read_uploads(request, settings: ServeSettings, budget: UploadBudget, held: list[int]) -> list[tuple[str,
+                                                                                                          bytes]]:
+    """The files of a multipart request, read from the ASGI ``receive`` within ``settings.body_timeout_s`` (408
+    beyond), each body chunk taken from ``budget`` (``held[0]`` counts what this request took, for the caller to
+    give back); :class:`ClientGone` when the client disconnects first."""
+    uploads = MultipartUploads(request.headers.get("content-type", ""), settings)
+    length = request.headers.get("content-length", "")
+    if length.isdigit():
+        budget.check(int(length))
+    receive = request.receive
+    try:
+        async with asyncio.timeout(settings.body_timeout_s):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientGone
+                chunk = message.get("body", b"")
+                if chunk:
+                    budget.take(len(chunk))
+                    held[0] += len(chunk)
+                    uploads.write(chunk)
+                if not message.get("more_body", False):
+                    break
+    except TimeoutError:
+        raise ApiError(408, "body_timeout", f"the request body did not arrive within {settings.body_timeout_s:g} s "
+                       "(--body-timeout)") from None
+    request.scope[BODY_DONE] = True
+    return uploads.finish()
 
 
 class RequestMetrics:
@@ -250,33 +424,42 @@ class RequestMetrics:
             route = next((r for r in self.routes if r.matches(scope)[0] is not Match.NONE), None)
         return getattr(route, "path", "other")
 
-
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
-        status = 500  # what an exception escaping the app becomes
+        status, started = 500, False  # 500: what an exception escaping the app becomes
 
         async def send_status(message):
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
             await send(message)
 
         try:
             await self.app(scope, receive, send_status)
+        except asyncio.CancelledError:
+            # uvicorn's --shutdown-timeout passed with this request in flight (uvicorn cancels only then): answer 503
+            # if nothing was sent yet and end the task quietly, instead of a traceback per request in the log
+            if not started:
+                status = 503
+                with suppress(Exception):
+                    await _send_json(send, 503, {"error": "shutting_down", "detail": "the service is shutting down "
+                                                 "and this request did not finish in time; retry"}, close=True)
         finally:
             path = self.route_of(scope)
             self.metrics.requests.labels(route=path, status=str(status)).inc()
             self.metrics.latency.labels(route=path).observe(time.perf_counter() - t0)
 
 
-async def _send_json(send, status: int, body: dict) -> None:
+async def _send_json(send, status: int, body: dict, close: bool = False) -> None:
     import json
 
     data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    if close:  # the body was not read: end the connection rather than leave its bytes on it
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": data})
 
 
@@ -359,8 +542,8 @@ def create_app(predictor, settings: ServeSettings | None = None):
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from starlette.concurrency import run_in_threadpool
-    from starlette.datastructures import UploadFile
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
 
     settings = settings or ServeSettings()
     settings.check()
@@ -370,6 +553,7 @@ def create_app(predictor, settings: ServeSettings | None = None):
     metrics = Metrics(version, engine)
     classes = list(predictor.output_classes)
     state: dict[str, Any] = {"ready": False, "batcher": None}
+    budget = UploadBudget(settings.max_upload_bytes, metrics.upload_bytes)
 
     def infer(images: list[bytes]):
         return predictor.predict_images(images, fill_bad=False)
@@ -393,12 +577,27 @@ def create_app(predictor, settings: ServeSettings | None = None):
     app = FastAPI(title="carclf", version=version, lifespan=lifespan, docs_url="/docs" if open_docs else None,
                   openapi_url="/openapi.json" if open_docs else None, redoc_url=None)
     app.state.metrics, app.state.settings, app.state.predictor = metrics, settings, predictor
+    app.state.upload_budget = budget
+
+    def body_unread(request: Request) -> bool:
+        if request.scope.get(BODY_DONE):
+            return False
+        h = request.headers
+        return "chunked" in h.get("transfer-encoding", "").lower() or h.get("content-length", "0") not in ("", "0")
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
         metrics.errors.labels(code=exc.code).inc()
-        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        headers = {"Retry-After": "1"} if exc.status == 503 else {}
+        if body_unread(request):  # refused mid-body: end the connection instead of reading the rest
+            headers["Connection"] = "close"
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(ClientGone)
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: Exception):  # nobody to answer: counted, not logged as a fault
+        metrics.errors.labels(code="client_closed").inc()
+        return Response(status_code=499)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -464,23 +663,20 @@ def create_app(predictor, settings: ServeSettings | None = None):
             raise ApiError(415, "not_multipart", "send the photos as multipart/form-data (e.g. curl -F "
                            "file=@car.jpg), one file per field")
         t0 = time.perf_counter()
+        held = [0]  # body bytes this request took from the upload budget
         try:
-            form_cm = request.form(max_files=settings.max_files, max_fields=settings.max_files + 8,
-                                   max_part_size=64 * 1024)
-            async with form_cm as form:
-                uploads = [(v.filename or key, v) for key, v in form.multi_items() if isinstance(v, UploadFile)]
-                if not uploads:
-                    raise ApiError(400, "no_files", "the request holds no file: send one or more photos as "
-                                   "multipart file fields")
-                for name, up in uploads:
-                    if up.size is not None and up.size > settings.max_file_bytes:
-                        raise ApiError(413, "file_too_large", f"'{name}' is {up.size:,} bytes; at most "
-                                       f"{settings.max_file_bytes:,} per photo", filename=name)
-                names = [name for name, _ in uploads]
-                datas = [await up.read() for _, up in uploads]
-        except StarletteHTTPException as exc:  # the multipart parser's refusals (too many files, bad framing)
-            code = "too_many_files" if "files" in str(exc.detail).lower() else "bad_multipart"
-            raise ApiError(400 if code != "too_many_files" else 413, code, str(exc.detail)) from None
+            return await answer(request, k, t0, held)
+        finally:
+            budget.give(held[0])
+
+    async def answer(request: Request, k: int, t0: float, held: list[int]):
+        uploads = await read_uploads(request, settings, budget, held)
+        if not uploads:
+            raise ApiError(400, "no_files", "the request holds no file: send one or more photos as multipart file "
+                           "fields")
+        names = [name for name, _ in uploads]
+        datas = [data for _, data in uploads]
+        del uploads
 
         def check_all() -> None:
             for name, data in zip(names, datas, strict=True):

@@ -58,13 +58,20 @@ def app_from_env():
 
 def serve(source: str | Path, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
           api_key_env: str | None = None, int8: bool = False, threads: int | None = None, device: str = "cpu",
-          settings: ServeSettings | None = None, log_level: str = "info") -> None:
+          settings: ServeSettings | None = None, log_level: str = "info", shutdown_timeout: float = 20.0,
+          keep_alive_timeout: float = 5.0) -> None:
+    """Run the service under uvicorn. On SIGTERM it stops accepting, lets requests in flight finish for at most
+    ``shutdown_timeout`` seconds, then cancels what is left and exits (a client trickling its body cannot keep it
+    alive); idle keep-alive connections are closed after ``keep_alive_timeout`` seconds."""
     import uvicorn
 
     from carclf.infer.onnx_engine import physical_cores
 
     if workers < 1:
         raise CarclfError("--workers must be at least 1")
+    if shutdown_timeout < 0 or keep_alive_timeout <= 0:
+        raise CarclfError("--shutdown-timeout must be 0 or more and --keep-alive-timeout more than 0")
+    timeouts = {"timeout_graceful_shutdown": shutdown_timeout, "timeout_keep_alive": keep_alive_timeout}
     # Each worker process runs its own engines: share the cores out instead of oversubscribing them.
     threads = threads or max(1, physical_cores() // workers)
     settings = settings or ServeSettings()
@@ -75,13 +82,13 @@ def serve(source: str | Path, host: str = "127.0.0.1", port: int = 8000, workers
         app = build_app(options)
         print(f"serving {source} (model {app.version}) on http://{host}:{port}/  (upload page at /, API at "
               f"/v1/predict, metrics at /metrics)", flush=True)
-        uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+        uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, **timeouts)
         return
     os.environ[ENV_CONFIG] = json.dumps(options)
     print(f"serving {source} with {workers} worker processes ({threads} threads each) on http://{host}:{port}/",
           flush=True)
     uvicorn.run("carclf.serve.server:app_from_env", factory=True, host=host, port=port, workers=workers,
-                log_level=log_level, access_log=False)
+                log_level=log_level, access_log=False, **timeouts)
 
 
 def wait_until_ready(url: str, proc, timeout: float) -> None:
