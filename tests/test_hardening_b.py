@@ -332,3 +332,18 @@ def test_an_export_loads_with_its_checksum_and_an_older_one_without(exported, sy
     _edit(old, _old)
     p_old, _ = load_exported_predictor(old).predict(photos, num_workers=0)
     np.testing.assert_array_equal(p_new, p_old)
+
+
+# ------------------------------------------------------------------------ 10: an oof.npz with an object array
+@pytest.mark.parametrize(("command", "key"), [("report", "paths"), ("evaluate", "labels")])
+def test_an_oof_npz_holding_objects_is_one_line_exit_2(run, tmp_path, capsys, command, key):
+    bad = _copy(run, tmp_path / "bad")
+    oof = bad / "fold0" / "oof.npz"
+    with np.load(oof) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays[key] = np.array(arrays[key].tolist(), dtype=object)  # what np.savez of a list of Python objects gives
+    np.savez(oof, **arrays)
+    assert main([command, str(bad)]) == 2
+    err = _one_error_line(capsys)
+    assert f"'{oof}' holds an object array ('{key}': pickled Python objects" in err
+    assert "Retrain fold 0" in err

@@ -150,3 +150,23 @@ def test_torchs_own_write_error_counts_as_disk_full_only_when_the_disk_is_full(t
     with pytest.raises(RuntimeError, match="unexpected pos"):
         atomic_write(tmp_path / "best.pt", write, "wb")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_read_npz_names_the_file_and_never_unpickles(tmp_path):
+    from carclf.errors import CarclfError
+    from carclf.io import read_npz
+
+    good = tmp_path / "good.npz"
+    np.savez(good, a=np.arange(3), b=np.ones(2))
+    got = read_npz(good, ("a",), "fix it", optional=("b", "c"))
+    assert sorted(got) == ["a", "b"]
+    with pytest.raises(CarclfError, match=r"good\.npz' lacks c: fix it"):
+        read_npz(good, ("a", "c"), "fix it")
+    objects = tmp_path / "objects.npz"
+    np.savez(objects, a=np.array([{"x": 1}], dtype=object))
+    with pytest.raises(CarclfError, match=r"objects\.npz' holds an object array \('a'"):
+        read_npz(objects, ("a",), "fix it")
+    for name, data in (("garbage.npz", b"garbage" * 10), ("cut.npz", good.read_bytes()[:100])):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CarclfError, match=rf"{name}' is not a readable \.npz.*: fix it"):
+            read_npz(tmp_path / name, ("a",), "fix it")

@@ -130,6 +130,39 @@ def file_sha256(path: Path | str) -> str:
     return h.hexdigest()
 
 
+def read_npz(path: Path | str, keys: tuple[str, ...], remedy: str, optional: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The arrays ``keys`` (and those of ``optional`` that are there) of an .npz carclf wrote, read into memory; a
+    CarclfError naming the file, what is wrong and ``remedy`` when it is not readable, lacks one of ``keys``, or
+    holds an object array (pickled Python objects, never loaded: ``allow_pickle`` stays off)."""
+    import zipfile
+
+    import numpy as np
+
+    from carclf.errors import CarclfError
+
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in keys if k not in z.files]
+            if missing:
+                raise CarclfError(f"'{path}' lacks {', '.join(missing)}: {remedy}")
+            out = {}
+            for k in (*keys, *(o for o in optional if o in z.files)):
+                try:
+                    out[k] = z[k]
+                except ValueError as exc:
+                    if "allow_pickle" not in str(exc):
+                        raise
+                    raise CarclfError(f"'{path}' holds an object array ('{k}': pickled Python objects, which carclf "
+                                      f"never loads), so carclf did not write it: {remedy}") from None
+            return out
+    except CarclfError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        reason = "pickled Python objects, which carclf never loads" if "pickled" in str(exc) else str(exc)
+        raise CarclfError(f"'{path}' is not a readable .npz ({type(exc).__name__}: {reason}): {remedy}") from None
+
+
 def read_yaml(path: Path, remedy: str) -> Any:
     """A YAML file carclf wrote, or a CarclfError naming it and ``remedy`` when it is not readable YAML."""
     import yaml

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 
 from carclf.analyze.metrics import score, softmax
-from carclf.calibrate.temperature import load_oof, log_fold_figures
+from carclf.calibrate.temperature import log_fold_figures
 from carclf.data.merges import MergeMap, identity
 from carclf.infer.submission import finalize
-from carclf.io import atomic_write_text
-from carclf.rundir import RunDir
+from carclf.io import atomic_write_text, read_npz
+from carclf.rundir import RunDir, retrain_hint
 
 
 def evaluate_run(run_dir: Path | str, log: Callable[[str], None] = print) -> list[dict]:
@@ -40,9 +40,9 @@ def evaluate_run(run_dir: Path | str, log: Callable[[str], None] = print) -> lis
     rows, parts = [], []
     for k in rd.completed_folds():
         fold = rd.fold(k)
-        _, labels, logits = load_oof(fold)
-        with np.load(fold.oof) as z:
-            original = z["original_labels"]  # the photo's folder label: the submission column it is scored on
+        z = read_npz(fold.oof, ("labels", "logits", "original_labels"), retrain_hint(fold))
+        labels, logits = z["labels"], z["logits"]
+        original = z["original_labels"]  # the photo's folder label: the submission column it is scored on
         t = rd.temperature(k)
         part = (softmax(logits), softmax(logits, t), labels, original)
         rows.append(_row(str(k), t, *part, merge, eps))

@@ -14,7 +14,8 @@ import numpy as np
 from carclf.analyze.metrics import softmax
 from carclf.data.merges import MergeMap, identity
 from carclf.errors import CarclfError
-from carclf.rundir import RunDir
+from carclf.io import read_npz
+from carclf.rundir import RunDir, retrain_hint
 
 
 @dataclass
@@ -51,15 +52,16 @@ def load_run_oof(run_dir: Path | str) -> OofSet:
     for k in folds:
         t = rd.temperature(k)
         temps[k] = t
-        with np.load(rd.fold(k).oof) as z:
-            logits = z["logits"].astype(np.float64)
-            parts["paths"].append(z["paths"].astype(str))
-            parts["labels"].append(z["labels"])
-            parts["orig"].append(z["original_labels"])
-            parts["fold"].append(np.full(len(logits), k))
-            parts["raw"].append(softmax(logits))
-            parts["cal"].append(softmax(logits, t))
-            parts["feat"].append(z["features"].astype(np.float32) if "features" in z.files else None)
+        z = read_npz(rd.fold(k).oof, ("logits", "paths", "labels", "original_labels"), retrain_hint(rd.fold(k)),
+                     optional=("features",))
+        logits = z["logits"].astype(np.float64)
+        parts["paths"].append(z["paths"].astype(str))
+        parts["labels"].append(z["labels"])
+        parts["orig"].append(z["original_labels"])
+        parts["fold"].append(np.full(len(logits), k))
+        parts["raw"].append(softmax(logits))
+        parts["cal"].append(softmax(logits, t))
+        parts["feat"].append(z["features"].astype(np.float32) if "features" in z else None)
     feats = None if any(f is None for f in parts["feat"]) else np.concatenate(parts["feat"])
     return OofSet(
         source=str(rd.path), classes=classes, merge=merge, paths=np.concatenate(parts["paths"]),

@@ -387,7 +387,7 @@ def export_model(
             folds_per_run.setdefault((str(r.read_config().data.root), k), (r, k))
     per = max(1, -(-parity_photos // max(1, len(folds_per_run))))
     for r, k in folds_per_run.values():
-        with contextlib.suppress(OSError, KeyError, ValueError):
+        with contextlib.suppress(OSError, KeyError, ValueError, CarclfError):  # then synthetic photos
             sources += [p for p in oof_photos(r, k, per).paths if p not in sources]
     data_found = bool(sources)
     kind = "out-of-fold"

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from carclf.rundir import RunDir
+from carclf.io import read_npz
+from carclf.rundir import RunDir, retrain_hint
 
 
 @dataclass
@@ -41,8 +42,8 @@ def spread(n: int, k: int) -> np.ndarray:
 def oof_photos(run: RunDir, fold: int, limit: int, root: Path | None = None) -> FoldPhotos:
     """Up to ``limit`` out-of-fold photos of ``fold`` that are still on disk, with their labels."""
     root = Path(root or run.read_config().data.root)
-    with np.load(run.fold(fold).oof) as z:
-        rel, labels = [str(p) for p in z["paths"]], np.asarray(z["labels"])
+    z = read_npz(run.fold(fold).oof, ("paths", "labels"), retrain_hint(run.fold(fold)))
+    rel, labels = [str(p) for p in z["paths"]], np.asarray(z["labels"])
     found = [(resolve_photo(root, r), y) for r, y in zip(rel, labels, strict=True)]
     found = [(p, y) for p, y in found if p is not None]
     pick = spread(len(found), limit)
