@@ -335,7 +335,8 @@ def test_an_export_loads_with_its_checksum_and_an_older_one_without(exported, sy
 
 
 # ------------------------------------------------------------------------ 10: an oof.npz with an object array
-@pytest.mark.parametrize(("command", "key"), [("report", "paths"), ("evaluate", "labels")])
+@pytest.mark.parametrize(("command", "key"), [("report", "paths"), ("evaluate", "labels"), ("calibrate", "logits"),
+                                             ("ensemble", "paths")])
 def test_an_oof_npz_holding_objects_is_one_line_exit_2(run, tmp_path, capsys, command, key):
     bad = _copy(run, tmp_path / "bad")
     oof = bad / "fold0" / "oof.npz"
@@ -343,7 +344,8 @@ def test_an_oof_npz_holding_objects_is_one_line_exit_2(run, tmp_path, capsys, co
         arrays = {k: z[k] for k in z.files}
     arrays[key] = np.array(arrays[key].tolist(), dtype=object)  # what np.savez of a list of Python objects gives
     np.savez(oof, **arrays)
-    assert main([command, str(bad)]) == 2
+    extra = ["-o", str(tmp_path / "ens")] if command == "ensemble" else []
+    assert main([command, str(bad), *extra]) == 2
     err = _one_error_line(capsys)
     assert f"'{oof}' holds an object array ('{key}': pickled Python objects" in err
     assert "Retrain fold 0" in err

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from carclf.io import atomic_write_text
-from carclf.rundir import FoldPaths, RunDir
+from carclf.io import atomic_write_text, read_npz
+from carclf.rundir import FoldPaths, RunDir, retrain_hint
 
 # A model no better than chance drives T to infinity; bound it so a broken fold stays visible, not hidden.
 T_MIN, T_MAX = 0.05, 20.0
@@ -41,8 +41,8 @@ def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> flo
 
 def load_oof(fold: FoldPaths) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(dataset indices, model labels, logits) of a fold's out-of-fold photos."""
-    with np.load(fold.oof) as z:
-        return z["indices"], z["labels"], z["logits"]
+    z = read_npz(fold.oof, ("indices", "labels", "logits"), retrain_hint(fold))
+    return z["indices"], z["labels"], z["logits"]
 
 
 def bound_warning(k: int, t: float) -> str:

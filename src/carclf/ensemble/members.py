@@ -12,8 +12,8 @@ import numpy as np
 
 from carclf.data.merges import MergeMap, identity
 from carclf.errors import CarclfError
-from carclf.io import file_sha256
-from carclf.rundir import RunDir
+from carclf.io import file_sha256, read_npz
+from carclf.rundir import RunDir, retrain_hint
 from carclf.tta import POLICIES, parse_policy, policy_views
 
 # The TTA policies the ensemble step tries, cheapest first; each is measured wherever a member's stored views allow.
@@ -114,19 +114,20 @@ def load_member(spec: MemberSpec, name: str, log: Callable[[str], None] = print)
     view_sets = []
     no_views = []
     for k in folds:
-        with np.load(rd.fold(k).oof) as z:
-            parts["paths"].append(z["paths"].astype(str))
-            parts["labels"].append(z["labels"])
-            parts["orig"].append(z["original_labels"])
-            parts["fold"].append(np.full(len(z["labels"]), k))
-            parts["run"].append(z["logits"].astype(np.float32))
-            if "view_logits" in z.files and "views" in z.files:
-                views = [str(v) for v in z["views"]]
-                view_sets.append(views)
-                parts["views"].append((views, z["view_logits"]))
-            else:
-                no_views.append(k)
-            parts["feat"].append(z["features"].astype(np.float32) if "features" in z.files else None)
+        z = read_npz(rd.fold(k).oof, ("paths", "labels", "original_labels", "logits"), retrain_hint(rd.fold(k)),
+                     optional=("views", "view_logits", "features"))
+        parts["paths"].append(z["paths"].astype(str))
+        parts["labels"].append(z["labels"])
+        parts["orig"].append(z["original_labels"])
+        parts["fold"].append(np.full(len(z["labels"]), k))
+        parts["run"].append(z["logits"].astype(np.float32))
+        if "view_logits" in z and "views" in z:
+            views = [str(v) for v in z["views"]]
+            view_sets.append(views)
+            parts["views"].append((views, z["view_logits"]))
+        else:
+            no_views.append(k)
+        parts["feat"].append(z["features"].astype(np.float32) if "features" in z else None)
     run_views = policy_views(cfg.predict)
     views: list[str] = []
     view_logits = None
