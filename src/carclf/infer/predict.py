@@ -117,6 +117,8 @@ def predict_run(
         log(f"{len(bad)} test photo(s) could not be decoded; their rows hold the mean prediction:")
         for p in bad[:10]:
             log(f"  {p}")
+        if len(bad) > 10:
+            log(f"  ... and {len(bad) - 10} more")
     n = len(predictor.output_classes)
     has = np.array([p is not None for p in rows.paths], dtype=bool)
     probs = np.empty((len(rows.ids), n))
