@@ -11,12 +11,10 @@ import os
 import resource
 import socket
 import struct
-import subprocess
 import sys
 import time
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +22,8 @@ import pytest
 from PIL import Image
 
 from carclf.errors import CarclfError
-from carclf.serve.server import wait_until_ready
 from tests.conftest import tiny_overrides
+from tests.serving import serving
 
 pytestmark = pytest.mark.slow
 KEY = "test-key-0123456789abcdef"
@@ -290,45 +288,14 @@ def test_api_key(client_for, synth_data, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------- real uvicorn
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Served:
-    url: str
-    port: int
-    proc: subprocess.Popen
-    log: Path
-
-
 @pytest.fixture(scope="module")
 def served(export_dir, tmp_path_factory):
     """``carclf serve EXPORT`` in its own process under uvicorn on a free loopback port (stdout and stderr in
     ``log``)."""
-
-    port = _free_port()
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
-    env = {**os.environ, "CARCLF_TEST_SERVE_KEY": KEY}
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "carclf", "serve", str(export_dir), "--port", str(port),
-                                 "--max-wait-ms", "2"], stdout=fh, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        try:
-            wait_until_ready(url, proc, 180)
-        except CarclfError as exc:
-            pytest.fail(f"{exc}: {log.read_text()[-2000:]}")
-        yield Served(url, port, proc, log)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    argv = [sys.executable, "-m", "carclf", "serve", str(export_dir), "--max-wait-ms", "2"]
+    with serving(argv, log, env={"CARCLF_TEST_SERVE_KEY": KEY}, ready_s=180) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")

@@ -17,23 +17,19 @@ import re
 import select
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from carclf.errors import CarclfError
-from carclf.serve.server import wait_until_ready
+from tests.serving import Served, free_port, serving
 
-ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
 BOUNDARY = "carclf-test-boundary"
 
@@ -77,52 +73,12 @@ sys.exit(main(["serve", "stand-in-model", *sys.argv[2:]]))
 """
 
 
-@dataclass
-class Served:
-    url: str
-    port: int
-    proc: subprocess.Popen
-    log: Path
-    spool: Path | None = None  # its TMPDIR, where one was given
-
-    def metrics(self) -> str:
-        import httpx
-
-        return httpx.get(f"{self.url}/metrics", timeout=10).text
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @contextmanager
 def fake_server(log_dir: Path, *flags: str, classes: int = 3, env: dict | None = None) -> Iterator[Served]:
     port = free_port()
-    log = log_dir / f"serve-{port}.log"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-c", FAKE_SERVE, str(classes), "--port", str(port), *flags],
-                                cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    served = Served(f"http://127.0.0.1:{port}", port, proc, log)
-    try:
-        try:
-            wait_until_ready(served.url, proc, 60)
-        except CarclfError as exc:
-            pytest.fail(f"{exc}: {log.read_text()[-2000:]}")
+    argv = [sys.executable, "-c", FAKE_SERVE, str(classes), *flags]
+    with serving(argv, log_dir / f"serve-{port}.log", env=env, port=port) as served:
         yield served
-    finally:
-        stop(proc)
 
 
 # ------------------------------------------------------------------------------------------- raw HTTP helpers

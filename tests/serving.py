@@ -1,0 +1,68 @@
+"""Helpers of the service tests: a ``carclf serve`` process on a free loopback port, started, waited for and
+stopped the same way by tests/test_serve.py (the real model) and tests/test_serve_hardening.py (a stand-in)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from carclf.errors import CarclfError
+from carclf.serve.server import wait_until_ready
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Served:
+    url: str
+    port: int
+    proc: subprocess.Popen
+    log: Path
+    spool: Path | None = None  # its TMPDIR, where one was given
+
+    def metrics(self) -> str:
+        import httpx
+
+        return httpx.get(f"{self.url}/metrics", timeout=10).text
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def serving(argv: list[str], log: Path, env: dict | None = None, ready_s: float = 60,
+            port: int | None = None) -> Iterator[Served]:
+    """Run ``argv + ["--port", PORT]`` (stdout and stderr in ``log``) until it answers /readyz; stop it after."""
+    port = port or free_port()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([*argv, "--port", str(port)], cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})})
+    served = Served(f"http://127.0.0.1:{port}", port, proc, log)
+    try:
+        try:
+            wait_until_ready(served.url, proc, ready_s)
+        except CarclfError as exc:
+            pytest.fail(f"{exc}: {log.read_text()[-2000:]}")
+        yield served
+    finally:
+        stop(proc)
