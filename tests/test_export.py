@@ -335,3 +335,30 @@ def test_folds_with_a_frozen_stem_reuse_one_trace(synth_data, tmp_path):
     doc = _doc(tmp_path / "export")
     assert doc["parity"]["passed"]
     assert max(doc["parity"]["max_logit_diff"]) < 1e-3
+
+
+def test_parity_photos_are_found_in_a_macos_zip_with_nfd_folder_names(run_dir, synth_data, tmp_path):
+    """A data folder unpacked from a macOS zip spells its Korean class folders in NFD; the run stores NFC paths. The
+    export's parity (and int8) photos are found there as the report finds its thumbnails: one resolver."""
+    import unicodedata
+
+    from carclf.export.photos import oof_photos, training_photos
+    from carclf.rundir import RunDir
+
+    nfd_root = tmp_path / "unzipped"
+    shutil.copytree(synth_data, nfd_root)
+    renamed = 0
+    for folder in sorted((nfd_root / "train").iterdir()):
+        nfd = unicodedata.normalize("NFD", folder.name)
+        if nfd != folder.name:
+            folder.rename(folder.with_name(nfd))
+            renamed += 1
+    assert renamed > 0  # the synthetic classes are Korean: NFD spells them differently
+    run = RunDir.open(run_dir)
+    on_nfc = oof_photos(run, 0, 1000, root=synth_data)
+    on_nfd = oof_photos(run, 0, 1000, root=nfd_root)
+    assert len(on_nfc.paths) > 0
+    assert len(on_nfd.paths) == len(on_nfc.paths)
+    assert all(p.is_file() for p in on_nfd.paths)
+    np.testing.assert_array_equal(on_nfd.labels, on_nfc.labels)
+    assert len(training_photos(run, 0, 8, root=nfd_root)) == len(training_photos(run, 0, 8, root=synth_data)) > 0

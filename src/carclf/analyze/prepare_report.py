@@ -8,7 +8,6 @@ global backend or display is touched.
 from __future__ import annotations
 
 import html
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 from carclf.data.dedup import DupGroup, hamming, near_pairs, nearest_distances, phash_array
 from carclf.data.imageio import load_rgb
 from carclf.data.prepare import Prepared
-from carclf.data.scan import nfc
+from carclf.data.scan import DataDisk
 from carclf.io import atomic_write, atomic_write_text
 
 MAX_GROUPS = 100  # per section; the CSV files hold them all
@@ -38,32 +37,10 @@ figure img{display:block;max-width:128px;max-height:128px}.flag{background:#fde2
 """
 
 
-class _Disk:
-    """Manifest paths are NFC; folders and files on disk may be NFD (macOS zips). Find each component by NFC name."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.listings: dict[Path, dict[str, str]] = {}
-
-    def path(self, rel: str) -> Path:
-        cur = self.root
-        for part in rel.split("/"):
-            if (cur / part).exists() or (cur / part).is_symlink():
-                cur = cur / part
-                continue
-            if cur not in self.listings:
-                try:
-                    self.listings[cur] = {nfc(n): n for n in os.listdir(cur)}
-                except OSError:
-                    self.listings[cur] = {}
-            cur = cur / self.listings[cur].get(nfc(part), part)
-        return cur
-
-
 class _Thumbs:
     """Small JPEGs in ``thumbs/``, named by the photo's SHA-1, so a changed photo gets a new thumbnail."""
 
-    def __init__(self, folder: Path, disk: _Disk, rows: dict[str, dict]):
+    def __init__(self, folder: Path, disk: DataDisk, rows: dict[str, dict]):
         self.folder, self.disk, self.rows = folder, disk, rows
         folder.mkdir(parents=True, exist_ok=True)
 
@@ -229,7 +206,7 @@ def write_report(prepared: Prepared, data_root: Path | str, out_html: Path | str
     folder.mkdir(parents=True, exist_ok=True)
     stem = out_html.stem
     rows = {r["path"]: r for r in p.manifest}
-    th = _Thumbs(folder / "thumbs", _Disk(Path(data_root)), rows)
+    th = _Thumbs(folder / "thumbs", DataDisk(data_root), rows)
     s = p.summary
     c = s.get("counts", {})
 

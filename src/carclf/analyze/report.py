@@ -26,8 +26,9 @@ import numpy as np
 
 from carclf.analyze import report_stats as st
 from carclf.analyze.oofset import OofSet, load_oof
-from carclf.analyze.prepare_report import _CSS, _Disk
-from carclf.analyze.report_features import compute_features, resolve_photo, tsne_map
+from carclf.analyze.prepare_report import _CSS
+from carclf.analyze.report_features import compute_features, tsne_map
+from carclf.data.scan import DataDisk
 from carclf.errors import CarclfError
 from carclf.io import atomic_write, atomic_write_text
 from carclf.rundir import REPORT_FEATURE_CACHE as FEATURE_CACHE
@@ -185,7 +186,7 @@ class Thumbs:
 
     def __init__(self, folder: Path, data_root: Path | None) -> None:
         self.folder = folder
-        self.disk = _Disk(data_root) if data_root is not None and data_root.is_dir() else None
+        self.disk = DataDisk(data_root) if data_root is not None and data_root.is_dir() else None
         self.missing: set[str] = set()
         self.made = 0
 
@@ -198,7 +199,7 @@ class Thumbs:
             from carclf.data.imageio import load_rgb
 
             try:
-                img = load_rgb(resolve_photo(self.disk, rel), target=THUMB // 2)
+                img = load_rgb(self.disk.photo(rel), target=THUMB // 2)
             except Exception:  # noqa: BLE001 - a photo moved, deleted or broken since training: no thumbnail
                 self.missing.add(rel)
                 return ""
@@ -644,12 +645,12 @@ def per_class_csv(path: Path, rows: list[dict], names: _Names) -> None:
 
 
 def label_issue_rows(oof: OofSet, issues: np.ndarray, suggested: np.ndarray, data_root: Path | None) -> list[dict]:
-    disk = _Disk(data_root) if data_root is not None and data_root.is_dir() else None
+    disk = DataDisk(data_root) if data_root is not None and data_root.is_dir() else None
     out = []
     for rank, i in enumerate(issues.tolist()):
         g, s = int(oof.labels[i]), int(suggested[i])
         rel = str(oof.paths[i])
-        file = resolve_photo(disk, rel) if disk is not None else None
+        file = disk.photo(rel) if disk is not None else None
         out.append({
             "rank": rank + 1, "row": i, "path": rel, "file": str(file) if file is not None and file.is_file() else "",
             "given": g, "suggested": s, "given_label": oof.merge.original[int(oof.original_labels[i])],

@@ -22,17 +22,6 @@ MAX_TSNE_POINTS = 5000  # t-SNE (Barnes-Hut) of 8,000 photos takes minutes on 2 
 #                         the same structure
 
 
-def resolve_photo(disk, rel: str) -> Path:
-    """A photo's file: ``rel`` is relative to the data root (``train/<class>/<file>``); runs trained before that
-    layout stored ``<class>/<file>``, relative to ``train/``."""
-    p = disk.path(rel)
-    if not p.is_file() and not rel.startswith("train/"):
-        q = disk.path(f"train/{rel}")
-        if q.is_file():
-            return q
-    return p
-
-
 def _fingerprint(run_dir: Path, folds: list[int], paths: np.ndarray) -> str:
     from carclf.rundir import RunDir
 
@@ -67,21 +56,21 @@ def compute_features(run_dir: Path, oof: OofSet, data_root: Path, cache: Path, d
         log(f"features: from the cache {cache}")
         n_bad = int((~np.isfinite(hit).all(axis=1)).sum())
         return hit, n_bad
-    from carclf.analyze.prepare_report import _Disk
     from carclf.data.dataset import ImageDataset, make_loader
+    from carclf.data.scan import DataDisk
     from carclf.data.transforms import eval_transform
     from carclf.infer.predictor import Predictor
     from carclf.models.forward import infer_view_logits
 
     pred = Predictor(run_dir, device=device, folds=sorted(set(oof.folds.tolist())))
     cfg = pred.cfg
-    disk = _Disk(Path(data_root))
+    disk = DataDisk(data_root)
     out: np.ndarray | None = None
     for engine, k, size in zip(pred.engines, pred.folds, pred.eval_sizes, strict=True):
         rows = np.where(oof.folds == k)[0]
         log(f"features: fold {k}, {len(rows)} photos at {size} px (the run predates stored features; cached in "
             f"{cache.parent})")
-        sources = [resolve_photo(disk, str(oof.paths[i])) for i in rows]
+        sources = [disk.photo(str(oof.paths[i])) for i in rows]
         ds = ImageDataset(sources, None, eval_transform(engine.dcfg), size, cfg.data.draft_factor,
                           max_pixels=cfg.data.max_pixels)
         loader = make_loader(ds, cfg.predict.batch_size, cfg.data.num_workers)

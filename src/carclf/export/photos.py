@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from carclf.data.scan import DataDisk, resolve_photo
 from carclf.io import read_npz
 from carclf.rundir import RunDir, retrain_hint
 
@@ -21,15 +22,6 @@ class FoldPhotos:
     paths: list[Path]
     labels: np.ndarray
     listed: int
-
-
-def resolve_photo(root: Path, rel: str) -> Path | None:
-    """A photo path as a run stores it, relative to the data root ("train/<class>/<file>"; runs made before that
-    convention store "<class>/<file>", relative to train/)."""
-    for cand in (root / rel, root / "train" / rel):
-        if cand.is_file():
-            return cand
-    return None
 
 
 def spread(n: int, k: int) -> np.ndarray:
@@ -44,7 +36,8 @@ def oof_photos(run: RunDir, fold: int, limit: int, root: Path | None = None) -> 
     root = Path(root or run.read_config().data.root)
     z = read_npz(run.fold(fold).oof, ("paths", "labels"), retrain_hint(run.fold(fold)))
     rel, labels = [str(p) for p in z["paths"]], np.asarray(z["labels"])
-    found = [(resolve_photo(root, r), y) for r, y in zip(rel, labels, strict=True)]
+    disk = DataDisk(root)
+    found = [(resolve_photo(disk, r), y) for r, y in zip(rel, labels, strict=True)]
     found = [(p, y) for p, y in found if p is not None]
     pick = spread(len(found), limit)
     return FoldPhotos([found[i][0] for i in pick], np.array([found[i][1] for i in pick], dtype=np.int64), len(rel))
@@ -59,7 +52,8 @@ def training_photos(run: RunDir, fold: int, limit: int, root: Path | None = None
     with open(run.folds_csv, encoding="utf-8", newline="") as fh:
         rel = [row["path"] for row in csv.DictReader(fh) if str(row.get("fold")) != str(fold)]
     pick = spread(len(rel), limit * 2)  # some may be gone; take the first ``limit`` that exist
-    out = [p for p in (resolve_photo(root, rel[i]) for i in pick) if p is not None]
+    disk = DataDisk(root)
+    out = [p for p in (resolve_photo(disk, rel[i]) for i in pick) if p is not None]
     return out[:limit]
 
 
