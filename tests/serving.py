@@ -66,3 +66,28 @@ def serving(argv: list[str], log: Path, env: dict | None = None, ready_s: float 
         yield served
     finally:
         stop(proc)
+
+
+@contextmanager
+def app_clients() -> Iterator:
+    """``start(predictor, raise_server_exceptions=True, **settings)`` -> a started FastAPI TestClient around
+    ``create_app(predictor, ServeSettings(**settings))`` (lifespan run: warmed up, batcher running); all closed
+    after."""
+    from fastapi.testclient import TestClient
+
+    from carclf.serve.app import ServeSettings, create_app
+
+    clients = []
+
+    def start(predictor, raise_server_exceptions: bool = True, **settings):
+        c = TestClient(create_app(predictor, ServeSettings(**settings)),
+                       raise_server_exceptions=raise_server_exceptions)
+        c.__enter__()
+        clients.append(c)
+        return c
+
+    try:
+        yield start
+    finally:
+        for c in clients:
+            c.__exit__(None, None, None)

@@ -1,6 +1,8 @@
 """The command line end to end, as a user runs it: train -> calibrate -> predict -> evaluate."""
 
 import csv
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,3 +115,18 @@ def test_prepare_and_help_load_neither_torch_nor_timm(synth_data, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "HEAVY []" in out.stdout
     assert (tmp_path / "prepare" / "data" / "report.html").is_file()
+
+
+def test_the_dockerfile_command_parses_with_the_cli():
+    """The image's CMD (a JSON list in the Dockerfile) is a valid carclf command line: a renamed or removed serve
+    flag would otherwise only show when the container starts."""
+    import re
+
+    from carclf.cli import build_parser
+
+    text = (Path(__file__).resolve().parents[1] / "Dockerfile").read_text(encoding="utf-8")
+    cmd = json.loads(re.search(r"^CMD (\[.*\])$", text, re.M).group(1))
+    assert cmd[0] == "carclf"
+    args = build_parser().parse_args(cmd[1:])
+    assert args.command == "serve"
+    assert args.shutdown_timeout == 8

@@ -23,7 +23,7 @@ from PIL import Image
 
 from carclf.errors import CarclfError
 from tests.conftest import tiny_overrides
-from tests.serving import serving
+from tests.serving import app_clients, serving
 
 pytestmark = pytest.mark.slow
 KEY = "test-key-0123456789abcdef"
@@ -55,22 +55,8 @@ def predictor(export_dir):
 @pytest.fixture
 def client_for(predictor):
     """``client_for(**settings)`` -> a started TestClient (lifespan run: warmed up, batcher running)."""
-    from fastapi.testclient import TestClient
-
-    from carclf.serve.app import ServeSettings, create_app
-
-    clients = []
-
-    def make(raise_server_exceptions: bool = True, **settings):
-        c = TestClient(create_app(predictor, ServeSettings(**settings)),
-                       raise_server_exceptions=raise_server_exceptions)
-        c.__enter__()
-        clients.append(c)
-        return c
-
-    yield make
-    for c in clients:
-        c.__exit__(None, None, None)
+    with app_clients() as start:
+        yield lambda raise_server_exceptions=True, **settings: start(predictor, raise_server_exceptions, **settings)
 
 
 def _photos(data: Path, n: int) -> list[Path]:

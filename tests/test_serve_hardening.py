@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.serving import Served, free_port, serving
+from tests.serving import Served, app_clients, free_port, serving
 
 MiB = 1 << 20
 BOUNDARY = "carclf-test-boundary"
@@ -172,21 +172,8 @@ def small_jpeg() -> bytes:
 @pytest.fixture
 def client_for():
     """``client_for(classes, **settings)`` -> a started TestClient around a stand-in model."""
-    from fastapi.testclient import TestClient
-
-    from carclf.serve.app import ServeSettings, create_app
-
-    clients = []
-
-    def make(classes: int = 3, **settings):
-        c = TestClient(create_app(FakePredictor(classes), ServeSettings(**settings)))
-        c.__enter__()
-        clients.append(c)
-        return c
-
-    yield make
-    for c in clients:
-        c.__exit__(None, None, None)
+    with app_clients() as start:
+        yield lambda classes=3, **settings: start(FakePredictor(classes), **settings)
 
 
 def test_default_top_k_is_capped_at_the_class_count(client_for):
