@@ -54,6 +54,23 @@ def _flip(path: Path, n: int = 64) -> None:
         fh.write(bytes(b ^ 0xFF for b in block))
 
 
+class _Stop(Exception):
+    pass
+
+
+def _stopped_after_one_epoch(synth_data: Path, tmp_path: Path, epochs: int):
+    """The config of a run of ``epochs`` epochs whose training was stopped after its first, as a kill would."""
+    from carclf.train.loop import train
+
+    def stop(k, epoch, row):
+        raise _Stop
+
+    cfg = load_config(None, tiny_overrides(synth_data, tmp_path, **{"train.epochs": epochs}))
+    with pytest.raises(_Stop):
+        train(cfg, on_epoch_end=stop, log=lambda s: None)
+    return cfg
+
+
 # --------------------------------------------------------------------------------------- 9b: best.pt checksums
 def test_a_damaged_best_pt_is_refused_wherever_it_is_loaded(run, synth_data, tmp_path, capsys):
     summary = json.loads((run / "fold0" / "summary.json").read_text(encoding="utf-8"))
@@ -105,15 +122,7 @@ def test_a_best_pt_damaged_while_a_run_was_stopped_is_refused_on_resume(synth_da
     """Resuming reads the hash recorded in last.pt when best.pt was written, before best.pt is used again."""
     from carclf.train.loop import train
 
-    class Stop(Exception):
-        pass
-
-    def stop(k, epoch, row):
-        raise Stop
-
-    cfg = load_config(None, tiny_overrides(synth_data, tmp_path, **{"train.epochs": 1}))
-    with pytest.raises(Stop):
-        train(cfg, on_epoch_end=stop, log=lambda s: None)
+    cfg = _stopped_after_one_epoch(synth_data, tmp_path, epochs=1)
     best = cfg.run_dir / "fold0" / "best.pt"
     assert torch.load(cfg.run_dir / "fold0" / "last.pt", weights_only=True)["best"]["sha256"] == file_sha256(best)
     _flip(best)
@@ -126,15 +135,7 @@ def test_a_best_pt_damaged_while_a_run_was_stopped_is_refused_on_resume(synth_da
 def test_resume_removes_the_temp_files_a_killed_write_left_and_nothing_else(synth_data, tmp_path):
     from carclf.train.loop import train
 
-    class Stop(Exception):
-        pass
-
-    def stop(k, epoch, row):
-        raise Stop
-
-    cfg = load_config(None, tiny_overrides(synth_data, tmp_path, **{"train.epochs": 2}))
-    with pytest.raises(Stop):
-        train(cfg, on_epoch_end=stop, log=lambda s: None)
+    cfg = _stopped_after_one_epoch(synth_data, tmp_path, epochs=2)
     run, fold = cfg.run_dir, cfg.run_dir / "fold0"
     stale = [fold / ".last.pt.4242.0123456789abcdef.tmp", fold / ".best.pt.4242.fedcba9876543210.tmp",
              fold / ".metrics.csv.17.00112233445566ff.tmp", run / ".run.json.4242.0123456789abcdef.tmp",
