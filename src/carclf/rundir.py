@@ -126,14 +126,19 @@ class FoldPaths:
         """Refuse a ``best.pt`` whose bytes are not those training wrote (damaged or replaced: its predictions would
         silently not be the model's). ``sha256``: the file's hash when the caller has just computed it."""
         want = self.recorded_best_sha256()
-        if want is None:
-            return
-        have = sha256 or file_sha256(self.best)
-        if have != want:
+        if want is not None:
+            self.check_best(want, self.summary.name, sha256)
+
+    def check_best(self, want: str | None, recorded_in: str, have: str | None = None) -> str:
+        """``best.pt``'s SHA-256 (``have`` when the caller has just computed it), refused when it is not ``want``,
+        the hash recorded in ``recorded_in`` when training wrote the file; ``want`` None: nothing to check."""
+        have = have or file_sha256(self.best)
+        if want is not None and have != want:
             raise CarclfError(
                 f"'{self.best}' is not the file training wrote (sha256 {have[:12]}..., recorded {want[:12]}... in "
-                f"{self.summary.name}): it was damaged or replaced. {retrain_hint(self)}"
+                f"{recorded_in}): it was damaged or replaced. {retrain_hint(self)}"
             )
+        return have
 
 
 class RunDir:

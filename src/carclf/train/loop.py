@@ -31,7 +31,7 @@ from carclf.errors import CarclfError
 from carclf.io import atomic_savez, atomic_torch_save, atomic_write_text, file_sha256
 from carclf.models.factory import create_model, load_fold_model
 from carclf.models.forward import infer_logits, infer_view_logits
-from carclf.rundir import FoldPaths, RunDir, fold_name, retrain_hint
+from carclf.rundir import FoldPaths, RunDir, fold_name
 from carclf.runtime import (
     amp_dtype,
     autocast,
@@ -205,14 +205,7 @@ def save_best(model: nn.Module, meta: dict, cfg: Config, classes: list[str], fp:
 def checked_best_sha256(fp: FoldPaths, best: dict) -> str:
     """``best.pt``'s SHA-256, refused when it is not the hash recorded when the file was written (a resumed fold's
     best.pt damaged while the run was stopped); a last.pt from before hashes were recorded is taken as it is."""
-    have = file_sha256(fp.best)
-    want = best.get("sha256")
-    if want and have != want:
-        raise CarclfError(
-            f"'{fp.best}' is not the file training wrote (sha256 {have[:12]}..., recorded {want[:12]}... in "
-            f"{fp.last.name}): it was damaged or replaced. {retrain_hint(fp)}"
-        )
-    return have
+    return fp.check_best(best.get("sha256") or None, fp.last.name)
 
 
 def start_tracker(cfg: Config, rd: RunDir, k: int, log: Callable[[str], None], enabled: bool = True) -> Tracker:
