@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 
+from carclf.artifacts.run import RunDir
 from carclf.export.exporter import EngineModule, _batches, export_graph
 from carclf.export.photos import training_photos
 from carclf.export.quantize import quantize_engine
 from carclf.infer.onnx_engine import OnnxFold, physical_cores
 from carclf.infer.predictor import TorchFold
 from carclf.models.factory import load_fold_model
-from carclf.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RUN = ROOT / "benchmarks" / "out" / "cpu-lite0-bench-20261123-130103"

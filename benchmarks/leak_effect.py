@@ -27,10 +27,10 @@ import numpy as np
 from PIL import Image
 
 from carclf.analyze.evaluate import evaluate_run
-from carclf.analyze.metrics import score
 from carclf.calibrate.temperature import calibrate_run
 from carclf.config import load_config
 from carclf.infer.predictor import Predictor
+from carclf.metrics import score
 from carclf.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -53,8 +53,8 @@ def free_port() -> int:
 
 
 def photos(run_dir: Path, n: int) -> list[tuple[str, bytes]]:
+    from carclf.artifacts.run import RunDir
     from carclf.export.photos import oof_photos
-    from carclf.rundir import RunDir
 
     found = oof_photos(RunDir.open(run_dir), 0, n).paths
     if not found:

@@ -12,9 +12,9 @@ import argparse
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
-from carclf.analyze.metrics import score, softmax
+from carclf.artifacts.run import RunDir
 from carclf.calibrate.temperature import fit_temperature, nll
-from carclf.rundir import RunDir
+from carclf.metrics import score, softmax
 from carclf.tta import parse_policy
 
 POLICIES = ["none", "hflip", "multiscale", "hflip+multiscale"]

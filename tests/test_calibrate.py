@@ -3,7 +3,9 @@ import json
 import numpy as np
 import pytest
 
-from carclf.calibrate.temperature import T_MAX, calibrate_run, fit_temperature, nll
+from carclf.calibrate.temperature import calibrate_run
+from carclf.metrics import T_MAX, fit_temperature
+from carclf.metrics import logit_nll as nll
 
 
 def _overconfident(n=600, c=10, seed=0):
@@ -37,8 +39,8 @@ def test_uninformative_logits_hit_the_bound_instead_of_infinity():
 
 def _fake_run(root, folds):
     """A run directory holding only what calibrate reads: the marker, a config and each fold's OOF logits."""
+    from carclf.artifacts.run import RunDir
     from carclf.config import Config
-    from carclf.rundir import RunDir
 
     rd = RunDir(root)
     rd.create(Config(name="x"))

@@ -12,8 +12,8 @@ import pytest
 
 from carclf.data.merges import build_merge_map, identity
 from carclf.ensemble import fit as F
-from carclf.ensemble.combine import combine, nll, softmax
 from carclf.errors import CarclfError
+from carclf.metrics import combine, nll, softmax
 from tests.conftest import tiny_overrides
 
 C = 8  # classes of the synthetic problems
@@ -186,9 +186,27 @@ def test_grouped_splits_hold_out_whole_run_folds():
     assert len(F.make_splits(one_group, np.arange(300), 5)) == 5  # stratified fallback
 
 
-def test_fitted_temperature_matches_the_calibrate_step():
-    from carclf.calibrate.temperature import fit_temperature as torch_fit
+def torch_fit(logits, labels, max_iter=100):
+    """An independent reference for carclf.metrics.fit_temperature (numpy Newton): torch's L-BFGS on log T, as
+    ``carclf calibrate`` fitted it before both used the one numeric core."""
+    import torch
+    import torch.nn.functional as tF
 
+    z, y = torch.as_tensor(logits, dtype=torch.float64), torch.as_tensor(labels, dtype=torch.long)
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = tF.cross_entropy(z / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(np.clip(log_t.exp().item(), 0.05, 20.0))
+
+
+def test_fitted_temperature_matches_the_calibrate_step():
     rng = np.random.default_rng(7)
     y = rng.integers(0, C, 800)
     z = _member(y, 2.0, rng, scale=3.0)
@@ -201,8 +219,8 @@ def test_fitted_temperature_matches_the_calibrate_step():
 def _fake_run(root, name, classes, photos, labels, folds, rng, merges=None, with_views=True, incomplete=()):
     """A run directory with what the ensemble step reads (no trained model): marker, config, run.json and each
     fold's oof.npz; best.pt is a few bytes (only its checksum matters here)."""
+    from carclf.artifacts.run import RunDir
     from carclf.config import Config
-    from carclf.rundir import RunDir
 
     rd = RunDir(root / name)
     rd.create(Config(name=name))
@@ -242,7 +260,7 @@ def fake_runs(tmp_path):
 
 
 def _build(members, out, **kw):
-    from carclf.ensemble import build_ensemble
+    from carclf.ensemble.build import build_ensemble
 
     logs = []
     doc = build_ensemble([str(m) for m in members], out, log=logs.append, **kw)
@@ -250,7 +268,7 @@ def _build(members, out, **kw):
 
 
 def test_members_with_different_merges_share_the_submission_columns(fake_runs):
-    from carclf.analyze.oofset import load_oof
+    from carclf.artifacts.oof import load_oof
 
     out = fake_runs["tmp"] / "ens"
     doc, log = _build([fake_runs["a"], fake_runs["b"]], out)

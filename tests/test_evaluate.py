@@ -7,9 +7,9 @@ import pytest
 from sklearn.metrics import log_loss
 
 from carclf.analyze.evaluate import evaluate_run
+from carclf.artifacts.run import RunDir
 from carclf.config import Config
 from carclf.data.merges import build_merge_map, identity
-from carclf.rundir import RunDir
 
 
 def _run(root, merge, logits, labels, original, eps=1e-6):

@@ -79,8 +79,8 @@ def test_views_inside_the_graph_match_pytorch(tmp_path):
 
 
 def test_export_writes_graphs_and_passes_parity(exported, run_dir):
+    from carclf.artifacts.run import RunDir
     from carclf.io import file_sha256
-    from carclf.rundir import RunDir
 
     doc = _doc(exported)
     run = RunDir.open(run_dir)
@@ -259,7 +259,7 @@ def ensemble_dir(run_dir, synth_data, tmp_path_factory) -> Path:
     """An ensemble of the module's run and a second run at another input size, with a vector calibration (its
     arrays in calibration.npz) put in by hand so the export has arrays to carry."""
     from carclf.config import load_config
-    from carclf.ensemble import build_ensemble
+    from carclf.ensemble.build import build_ensemble
     from carclf.io import atomic_savez, file_sha256
     from carclf.train.loop import train
 
@@ -342,8 +342,8 @@ def test_parity_photos_are_found_in_a_macos_zip_with_nfd_folder_names(run_dir, s
     export's parity (and int8) photos are found there as the report finds its thumbnails: one resolver."""
     import unicodedata
 
+    from carclf.artifacts.run import RunDir
     from carclf.export.photos import oof_photos, training_photos
-    from carclf.rundir import RunDir
 
     nfd_root = tmp_path / "unzipped"
     shutil.copytree(synth_data, nfd_root)

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
+from carclf.artifacts.run import FULL, RunDir
 from carclf.config import load_config
 from carclf.data.splits import parse_folds
 from carclf.errors import CarclfError
-from carclf.rundir import FULL, RunDir
 from carclf.train.loop import train
 from tests.conftest import tiny_overrides
 

@@ -109,7 +109,7 @@ def test_an_ensemble_refuses_a_member_whose_best_pt_was_damaged_before_it_was_bu
                                                                                       capsys):
     """The ensemble records the hash of best.pt as it finds it: a file damaged before that is caught by the hash
     training recorded."""
-    from carclf.ensemble import build_ensemble
+    from carclf.ensemble.build import build_ensemble
 
     bad = _copy(run, tmp_path / "bad")
     _flip(bad / "fold0" / "best.pt")
@@ -322,7 +322,7 @@ def test_an_edited_or_malformed_export_yaml_is_one_line_exit_2(exported, synth_d
 
 
 def test_an_export_loads_with_its_checksum_and_an_older_one_without(exported, synth_data, tmp_path):
-    from carclf.infer.export_spec import spec_checksum
+    from carclf.artifacts.export import spec_checksum
     from carclf.infer.onnx_engine import load_exported_predictor
 
     doc = yaml.safe_load((exported / "export.yaml").read_text(encoding="utf-8"))

@@ -13,9 +13,9 @@ import yaml
 from sklearn.metrics import accuracy_score, log_loss, top_k_accuracy_score
 
 from carclf.analyze import report_stats as st
-from carclf.analyze.metrics import softmax
-from carclf.analyze.oofset import OofSet
+from carclf.artifacts.oof import OofSet
 from carclf.data.merges import identity, read_merges
+from carclf.metrics import softmax
 
 LOOKALIKE = (2, 5)  # two classes the synthetic model cannot tell apart, and whose features share one centre
 
@@ -145,7 +145,7 @@ def test_an_ensembles_member_runs_are_found_for_their_curves(tmp_path):
         (tmp_path / name / ".carclf-run").write_text("{}")
     ens = tmp_path / "ens"
     ens.mkdir()
-    from carclf.ensemble.spec import FORMAT, KIND
+    from carclf.artifacts.ensemble import FORMAT, KIND
 
     def write(members):  # ensemble.yaml as carclf ensemble writes it (members' runs relative to the folder)
         doc = {"kind": KIND, "format": FORMAT, "classes": [], "members": members, "space": "prob",
@@ -258,7 +258,7 @@ def test_report_page_opens_in_chromium(report, tmp_path):
 
 @pytest.mark.slow
 def test_report_files_a_person_acts_on(report, tiny_run):
-    from carclf.rundir import RunDir
+    from carclf.artifacts.run import RunDir
 
     classes = RunDir.open(tiny_run).read_meta()["classes"]
     groups = read_merges(report / "confusable.yaml")  # the merges.yaml format
@@ -318,8 +318,8 @@ def _copy_without_features(run, dest):
 
 @pytest.mark.slow
 def test_features_are_computed_once_and_cached_for_older_runs(tiny_run, tmp_path):
-    from carclf.analyze.oofset import load_oof
     from carclf.analyze.report import write_report
+    from carclf.artifacts.oof import load_oof
 
     old = tmp_path / "old"
     stored = _copy_without_features(tiny_run, old)

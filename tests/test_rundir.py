@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from carclf.artifacts.run import RunDir
 from carclf.config import Config, load_config
 from carclf.errors import CarclfError
-from carclf.rundir import RunDir
 from tests.conftest import tiny_overrides
 
 
@@ -94,7 +94,7 @@ def test_overwrite_clears_a_run_carclf_made(tmp_path):
 
 
 def test_overwrite_clears_the_runs_own_report_but_not_a_folder_a_user_put_there(tmp_path):
-    from carclf.rundir import REPORT_MARKER
+    from carclf.artifacts.run import REPORT_MARKER
 
     rd = _fake_run(tmp_path / "run")
     report = rd.path / "report"
@@ -117,9 +117,9 @@ def test_overwrite_clears_the_runs_own_report_but_not_a_folder_a_user_put_there(
 
 
 def test_report_writes_only_names_the_run_overwrite_knows():
-    """Every file the report writes is in carclf.rundir.REPORT_FILES (else train --overwrite would refuse)."""
+    """Every file the report writes is in carclf.artifacts.run.REPORT_FILES (else train --overwrite would refuse)."""
     from carclf.analyze.report import FEATURE_CACHE, PLOTS
-    from carclf.rundir import REPORT_FILES
+    from carclf.artifacts.run import REPORT_FILES
 
     assert {FEATURE_CACHE, *PLOTS.values()} <= REPORT_FILES
 

@@ -174,8 +174,8 @@ def test_swa_is_scored_beside_ema_and_raw_and_the_best_becomes_best_pt(synth_dat
 def test_each_fold_predicts_at_the_input_size_its_validation_chose(synth_data, tmp_path):
     import numpy as np
 
-    from carclf.analyze.metrics import score, softmax
     from carclf.infer.predictor import Predictor
+    from carclf.metrics import score, softmax
 
     over = {"train.epochs": 2, "train.lr": 3e-3, "predict.eval_sizes": "48,96", "train.folds": "all"}
     logs = []

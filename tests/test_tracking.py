@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from carclf.config import check_settings
 from carclf.errors import CarclfError
 from carclf.tracking import (
     CURVES_FILE,
     STORE_DIR,
     Tracker,
-    check_settings,
     flatten_params,
     local_store_uri,
     log_to_run,
@@ -281,9 +281,9 @@ def test_training_calibration_and_evaluation_land_in_one_mlflow_run_per_fold(syn
     from mlflow.tracking import MlflowClient
 
     from carclf.analyze.evaluate import evaluate_run
+    from carclf.artifacts.run import RunDir
     from carclf.calibrate.temperature import calibrate_run
     from carclf.config import load_config
-    from carclf.rundir import RunDir
     from carclf.tracking import local_store_uri
     from carclf.train.loop import train
     from tests.conftest import tiny_overrides

@@ -77,7 +77,7 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _ensemble(args: argparse.Namespace) -> None:
-    from carclf.ensemble import build_ensemble
+    from carclf.ensemble.build import build_ensemble
 
     build_ensemble(args.members, args.output, overwrite=args.overwrite, cv_folds=args.cv_folds, cv=args.cv,
                    nested_cv=args.nested, seed=args.seed, threads=args.threads)

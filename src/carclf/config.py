@@ -342,9 +342,26 @@ def validate(cfg: Config) -> None:
     except CarclfError as exc:
         raise CarclfError(f"predict.tta / predict.oof_views: {exc}") from None
     parse_size_schedule(cfg.aug.size_schedule, cfg.data.img_size, cfg.train.epochs)
-    from carclf.tracking import check_settings
-
     check_settings(cfg.track.enabled, cfg.track.uri, cfg.track.experiment)
+
+
+URI_SCHEMES = {"http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "file"}
+
+
+def check_settings(enabled: bool, uri: str, experiment: str) -> None:
+    """Validate the ``track`` section without importing MLflow (MLflow's URI schemes): raise CarclfError."""
+    if not enabled:
+        return
+    if not str(experiment).strip():
+        raise CarclfError("track.experiment is empty: name the MLflow experiment, e.g. track.experiment=carclf")
+    if uri:
+        scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
+        if scheme.split("+", 1)[0] not in URI_SCHEMES:
+            raise CarclfError(
+                f"track.uri={uri!r} is not a tracking URI: use '' (a local store under out_dir), a server such as "
+                "http://127.0.0.1:5000, or a database such as sqlite:///PATH/mlflow.db; track.enabled=false turns "
+                "tracking off"
+            )
 
 
 # Folders of out_dir that are not runs.

@@ -45,29 +45,12 @@ CHECK_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RET
 RUN_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0"}
 STORE_LOCK_TIMEOUT = 60.0  # seconds to wait while another process creates the local store
-URI_SCHEMES = {"http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "file"}
 _BAD_KEY_CHARS = re.compile(r"[^\w.\- ]")  # MLflow allows these on every OS (':' and '/' are riskier)
 _NOT_FOUND = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}
 _QUIET_LOGGERS = ("mlflow.store.db.utils", "alembic")  # "Creating initial MLflow database tables..." and migrations
 
 
 # ---------------------------------------------------------------------------------------------------- settings
-def check_settings(enabled: bool, uri: str, experiment: str) -> None:
-    """Validate the ``track`` section without importing MLflow (for config validation): raise CarclfError."""
-    if not enabled:
-        return
-    if not str(experiment).strip():
-        raise CarclfError("track.experiment is empty: name the MLflow experiment, e.g. track.experiment=carclf")
-    if uri:
-        scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
-        if scheme.split("+", 1)[0] not in URI_SCHEMES:
-            raise CarclfError(
-                f"track.uri={uri!r} is not a tracking URI: use '' (a local store under out_dir), a server such as "
-                "http://127.0.0.1:5000, or a database such as sqlite:///PATH/mlflow.db; track.enabled=false turns "
-                "tracking off"
-            )
-
-
 def local_store_uri(out_dir: Path | str) -> str:
     """The default store: ``sqlite:///<out_dir>/mlruns/mlflow.db`` (absolute)."""
     return "sqlite:///" + (Path(out_dir).resolve() / STORE_DIR / DB_FILE).as_posix()
@@ -459,7 +442,18 @@ def write_curves(metrics_csv: Path | str, out: Path | str | None = None) -> Path
     return png
 
 
+def log_fold_figures(rd: Any, figures: dict[int, dict], prefix: str, log: Callable[[str], None] = print) -> None:
+    """Add each fold's figures to the fold's MLflow run of a run directory (an ``artifacts.run.RunDir``), when it
+    was tracked (``track.*`` of the run's config)."""
+    cfg = rd.read_config()
+    if not cfg.track.enabled:
+        return
+    for k, values in figures.items():
+        log_to_run(cfg.track.uri, read_run_id(rd.fold(k).mlflow_run), {prefix + n: v for n, v in values.items()},
+                   out_dir=rd.path.parent, log=log)
+
+
 __all__ = [
-    "CURVES_FILE", "RUN_ID_FILE", "STORE_DIR", "Tracker", "check_settings", "flatten_params", "local_store_uri",
-    "log_to_run", "read_run_id", "write_curves", "write_run_id",
+    "CURVES_FILE", "RUN_ID_FILE", "STORE_DIR", "Tracker", "flatten_params", "local_store_uri",
+    "log_fold_figures", "log_to_run", "read_run_id", "write_curves", "write_run_id",
 ]

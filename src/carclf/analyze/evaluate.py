@@ -1,4 +1,4 @@
-"""Out-of-fold scores of a run, per fold and overall, raw and temperature-calibrated."""
+"""``carclf evaluate``: out-of-fold scores of a run or an ensemble, per fold and overall, raw and calibrated."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from carclf.analyze.metrics import score, softmax
-from carclf.calibrate.temperature import log_fold_figures
-from carclf.data.merges import MergeMap, identity
-from carclf.infer.submission import finalize
-from carclf.io import atomic_write_text, read_npz
-from carclf.rundir import RunDir, retrain_hint
+from carclf.artifacts.ensemble import is_ensemble_dir
+from carclf.artifacts.oof import ensemble_oof, read_fold_oof
+from carclf.artifacts.run import RunDir
+from carclf.io import atomic_write_text
+from carclf.metrics import fold_groups, score_row, softmax
+from carclf.tracking import log_fold_figures
 
 
 def evaluate_run(run_dir: Path | str, log: Callable[[str], None] = print) -> list[dict]:
@@ -27,49 +27,40 @@ def evaluate_run(run_dir: Path | str, log: Callable[[str], None] = print) -> lis
     ``val_log_loss`` in metrics.csv); accuracy, top-5 and ECE are over the model's classes too.
 
     An ensemble folder (ensemble.yaml) is scored from its cross-validated out-of-fold probabilities, over the
-    submission's classes (:func:`carclf.ensemble.evaluate_ensemble`)."""
-    if (Path(run_dir) / "ensemble.yaml").is_file():
-        from carclf.ensemble import evaluate_ensemble
-
+    submission's classes (:func:`evaluate_ensemble`)."""
+    if is_ensemble_dir(run_dir):
         return evaluate_ensemble(run_dir, log)
     rd = RunDir.open(run_dir)
     cfg = rd.read_config()
-    meta = rd.read_meta()
-    merge = MergeMap.from_dict(meta["merge"]) if "merge" in meta else identity(meta["classes"])
+    merge = rd.merge_map()
     eps = cfg.predict.eps
     rows, parts = [], []
     for k in rd.completed_folds():
-        fold = rd.fold(k)
-        z = read_npz(fold.oof, ("labels", "logits", "original_labels"), retrain_hint(fold))
+        z = read_fold_oof(rd.fold(k), ("labels", "logits", "original_labels"), ())
         labels, logits = z["labels"], z["logits"]
         original = z["original_labels"]  # the photo's folder label: the submission column it is scored on
         t = rd.temperature(k)
         part = (softmax(logits), softmax(logits, t), labels, original)
-        rows.append(_row(str(k), t, *part, merge, eps))
+        rows.append(score_row(str(k), t, *part, merge.expand, eps))
         parts.append(part)
     if len(rows) > 1:
         raw, cal, labels, original = (np.concatenate(x) for x in zip(*parts, strict=True))
-        rows.append(_row("all", float("nan"), raw, cal, labels, original, merge, eps))
+        rows.append(score_row("all", float("nan"), raw, cal, labels, original, merge.expand, eps))
     atomic_write_text(rd.evaluation_json, json.dumps(rows, indent=1))
     log_fold_figures(rd, {int(r["fold"]): {n: v for n, v in r.items() if n not in ("fold", "n")}
                           for r in rows if r["fold"] != "all"}, "eval_", log)
     return rows
 
 
-def _row(fold: str, t: float, raw: np.ndarray, cal: np.ndarray, labels: np.ndarray, original: np.ndarray,
-         merge: MergeMap, eps: float) -> dict:
-    s_raw, s_cal = score(raw, labels), score(cal, labels)
-    return {
-        "fold": fold, "n": s_raw["n"], "temperature": t,
-        "log_loss_raw": _as_submitted(raw, original, merge, eps), "log_loss": _as_submitted(cal, original, merge, eps),
-        "log_loss_model": s_cal["log_loss"], "accuracy": s_cal["accuracy"], "top5": s_cal["top5"],
-        "ece_raw": s_raw["ece"], "ece": s_cal["ece"],
-    }
-
-
-def _as_submitted(probs: np.ndarray, original: np.ndarray, merge: MergeMap, eps: float) -> float:
-    """Log loss of model-class probabilities once they are what ``predict`` writes."""
-    return score(finalize(merge.expand(probs), eps), original)["log_loss"]
+def evaluate_ensemble(path: Path | str, log: Callable[[str], None] = print) -> list[dict]:
+    """``carclf evaluate`` for an ensemble folder: the rows of :func:`evaluate_run` from the ensemble's
+    cross-validated OOF probabilities, per first-member fold and overall; saved to evaluation.json."""
+    oof = ensemble_oof(path)
+    t = oof.temperatures[-1]
+    rows = [score_row(name, t, oof.probs_raw[m], oof.probs[m], oof.labels[m], oof.labels[m], oof.merge.expand,
+                      oof.eps) for name, m in fold_groups(oof.folds)]
+    atomic_write_text(Path(path) / "evaluation.json", json.dumps(rows, indent=1))
+    return rows
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:

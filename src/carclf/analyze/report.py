@@ -25,18 +25,18 @@ from pathlib import Path
 import numpy as np
 
 from carclf.analyze import report_stats as st
-from carclf.analyze.oofset import OofSet, load_oof
 from carclf.analyze.prepare_report import _CSS
 from carclf.analyze.report_features import compute_features, tsne_map
+from carclf.artifacts.oof import OofSet, load_oof
+from carclf.artifacts.run import REPORT_FEATURE_CACHE as FEATURE_CACHE
+from carclf.artifacts.run import REPORT_FILES, REPORT_MARKER
+from carclf.artifacts.run import REPORT_PLOTS as PLOTS
 from carclf.data.scan import DataDisk
 from carclf.errors import CarclfError
 from carclf.io import atomic_write, atomic_write_text
-from carclf.rundir import REPORT_FEATURE_CACHE as FEATURE_CACHE
-from carclf.rundir import REPORT_FILES, REPORT_MARKER
-from carclf.rundir import REPORT_PLOTS as PLOTS
 
-# The file names written here (REPORT_FILES) live in carclf.rundir: `train --overwrite` of a run deletes its report/
-# folder only when it holds nothing else
+# The file names written here (REPORT_FILES) live in carclf.artifacts: `train --overwrite` of a run deletes its
+# report/ folder only when it holds nothing else
 TOP_PAIRS = 15  # confused pairs shown with photos
 PAIR_PHOTOS = 3  # misclassified photos per direction of a pair
 TYPICAL = 2  # typical photos of the other class beside them
@@ -126,8 +126,8 @@ def _now() -> str:
 def member_runs(source: Path) -> tuple[list[Path], str]:
     """The run folders behind ``source`` (itself, or an ensemble's members, found as the Predictor finds them) and a
     note when they cannot be told."""
-    from carclf.ensemble.spec import ENSEMBLE_FILE, member_run, read_ensemble
-    from carclf.rundir import RunDir
+    from carclf.artifacts.ensemble import ENSEMBLE_FILE, member_run, read_ensemble
+    from carclf.artifacts.run import RunDir
 
     if not (source / ENSEMBLE_FILE).is_file():
         return ([source], "") if RunDir(source).is_run() else ([], f"'{source}' is not a run directory")
@@ -149,7 +149,7 @@ def member_runs(source: Path) -> tuple[list[Path], str]:
 def read_curves(run: Path) -> list[tuple[str, list[dict]]]:
     """Each completed fold's per-epoch rows of metrics.csv (the weights scored every epoch; not the final
     candidates such as raw or SWA weights)."""
-    from carclf.rundir import RunDir
+    from carclf.artifacts.run import RunDir
 
     rd = RunDir.open(run)
     out = []
@@ -277,7 +277,7 @@ def write_report(source: Path | str, out_dir: Path | str | None = None, overwrit
         plot_worst_classes,
         read_aliases,
     )
-    from carclf.rundir import RunDir
+    from carclf.artifacts.run import RunDir
 
     t0 = time.perf_counter()
     timings: dict[str, float] = {}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from carclf.analyze.oofset import OofSet
+from carclf.artifacts.oof import OofSet
 from carclf.errors import CarclfError
 from carclf.io import atomic_savez
 
@@ -23,7 +23,7 @@ MAX_TSNE_POINTS = 5000  # t-SNE (Barnes-Hut) of 8,000 photos takes minutes on 2 
 
 
 def _fingerprint(run_dir: Path, folds: list[int], paths: np.ndarray) -> str:
-    from carclf.rundir import RunDir
+    from carclf.artifacts.run import RunDir
 
     rd = RunDir.open(run_dir)
     parts = []

@@ -1,7 +1,7 @@
 """The error-analysis report's figures, from out-of-fold rows alone (no images, no plots): headline scores,
 calibration bins, per-class table, confused pairs, confusable groups and likely label errors.
 
-Everything here works on plain arrays (an :class:`~carclf.analyze.oofset.OofSet`'s probabilities, labels and
+Everything here works on plain arrays (an :class:`~carclf.artifacts.oof.OofSet`'s probabilities, labels and
 features), so the tests can plant look-alike classes and wrong labels in synthetic data and check what is found.
 """
 
@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from carclf.analyze.metrics import expected_calibration_error
 from carclf.data.merges import MergeMap
+from carclf.metrics import expected_calibration_error
 
 N_BINS = 15  # confidence bins of the reliability diagram, the histogram and the log-loss shares (as in ECE)
 # Confusable groups by confusion: the symmetrised soft confusion rate s(a, b) = (c_ab + c_ba) / 2, where c_ab is the

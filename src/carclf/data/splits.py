@@ -104,7 +104,8 @@ def load_or_make_folds(
 
 def parse_folds(spec: str, n_folds: int) -> list[int]:
     """``"all"`` -> every fold; ``"0,2"`` -> [0, 2]; ``"full"`` (alone or after folds: ``"all,full"``) adds the
-    full-data fit, numbered ``-1`` (carclf.rundir.FULL) and always last, after the folds that choose its epochs."""
+    full-data fit, numbered ``-1`` (carclf.artifacts.run.FULL) and always last, after the folds that choose its
+    epochs."""
     items = [s.strip().lower() for s in str(spec).split(",") if s.strip()]
     full = "full" in items
     items = [s for s in items if s != "full"]

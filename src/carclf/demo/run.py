@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from carclf.analyze.evaluate import evaluate_run, format_table
-from carclf.analyze.metrics import score
+from carclf.artifacts.run import clear_owned_folder
 from carclf.calibrate.temperature import calibrate_run
 from carclf.config import load_config
 from carclf.data.scan import nfc
@@ -18,7 +18,7 @@ from carclf.demo.synth import SynthSpec, make_dataset
 from carclf.errors import CarclfError
 from carclf.infer.predict import predict_run
 from carclf.io import atomic_write_text
-from carclf.rundir import clear_owned_folder
+from carclf.metrics import score
 
 # The demo recipe: offline pretrained lite0, 3 folds, small photos, a few epochs (minutes on 2 CPU cores).
 DEMO_OVERRIDES = [

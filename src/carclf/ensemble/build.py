@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -13,6 +12,16 @@ from typing import Any
 import numpy as np
 import yaml
 
+from carclf.artifacts.ensemble import (
+    ENSEMBLE_FILE,
+    FORMAT,
+    KIND,
+    KNOWN,
+    read_ensemble,
+    relative_run,
+    save_calibration,
+)
+from carclf.artifacts.oof import write_ensemble_oof
 from carclf.ensemble.fit import (
     CALIBRATIONS,
     EPS_GRID,
@@ -24,18 +33,8 @@ from carclf.ensemble.fit import (
     nested,
 )
 from carclf.ensemble.members import Member, align, check_classes, load_member, member_names, parse_member
-from carclf.ensemble.spec import (
-    ENSEMBLE_FILE,
-    FORMAT,
-    KIND,
-    KNOWN,
-    OOF_FILE,
-    read_ensemble,
-    relative_run,
-    save_calibration,
-)
 from carclf.errors import CarclfError
-from carclf.io import atomic_savez, atomic_write, atomic_write_text
+from carclf.io import atomic_write
 
 
 def _check_out(out: Path, overwrite: bool, members: list[Member]) -> None:
@@ -167,7 +166,7 @@ def build_ensemble(
     out.mkdir(parents=True, exist_ok=True)
     doc["calibration"] = save_calibration(out, final.calibration)  # vector / matrix arrays: calibration.npz
     feats = members[0].features[al.index[0]] if members[0].features is not None else None
-    atomic_savez(out / OOF_FILE, paths=al.paths.astype(str), labels=prob.labels, folds=prob.groups,
+    write_ensemble_oof(out, paths=al.paths.astype(str), labels=prob.labels, folds=prob.groups,
                  probs=result.probs, probs_raw=raw.probs,
                  **({"features": feats.astype(np.float16)} if feats is not None else {}))
     atomic_write(out / ENSEMBLE_FILE, lambda fh: yaml.safe_dump(doc, fh, allow_unicode=True, sort_keys=False,
@@ -245,45 +244,3 @@ def format_figures(figures: dict, nested_doc: dict | None) -> str:
 
 
 # -------------------------------------------------------------------------------------------------- read side
-def ensemble_oof(path: Path | str):
-    """The ensemble's out-of-fold rows as an :class:`~carclf.analyze.oofset.OofSet`: the chosen recipe's
-    cross-validated probabilities (each row predicted by a fit that did not see it), over the submission's classes
-    (``classes`` = the submission's columns, ``merge`` the identity, labels = the photo's folder). ``probs_raw`` is
-    the same recipe without member temperatures and final calibration; ``folds`` the first member's training folds;
-    ``features`` the first member's, when it kept them."""
-    from carclf.analyze.oofset import OofSet
-    from carclf.data.merges import identity
-
-    path = Path(path)
-    doc = read_ensemble(path)
-    f = path / OOF_FILE
-    if not f.is_file():
-        raise CarclfError(f"'{f}' is missing: rebuild the ensemble with carclf ensemble --overwrite")
-    with np.load(f) as z:
-        feats = z["features"].astype(np.float32) if "features" in z.files else None
-        cal = doc["calibration"]
-        return OofSet(
-            source=str(path), classes=list(doc["classes"]), merge=identity(list(doc["classes"])),
-            paths=z["paths"].astype(str), labels=z["labels"], original_labels=z["labels"], folds=z["folds"],
-            probs_raw=z["probs_raw"].astype(np.float64), probs=z["probs"].astype(np.float64), features=feats,
-            temperatures={-1: float(cal.get("temperature", 1.0))}, eps=float(doc["eps"]),
-        )
-
-
-def evaluate_ensemble(path: Path | str, log: Callable[[str], None] = print) -> list[dict]:
-    """``carclf evaluate`` for an ensemble folder: the rows of :func:`carclf.analyze.evaluate.evaluate_run` from
-    the ensemble's cross-validated OOF probabilities, per first-member fold and overall; saved to
-    evaluation.json."""
-    from carclf.analyze.evaluate import _row
-
-    oof = ensemble_oof(path)
-    t = oof.temperatures[-1]
-    rows = []
-    for k in np.unique(oof.folds):
-        m = oof.folds == k
-        rows.append(_row(str(int(k)), t, oof.probs_raw[m], oof.probs[m], oof.labels[m], oof.labels[m], oof.merge,
-                         oof.eps))
-    if len(rows) > 1:
-        rows.append(_row("all", t, oof.probs_raw, oof.probs, oof.labels, oof.labels, oof.merge, oof.eps))
-    atomic_write_text(Path(path) / "evaluation.json", json.dumps(rows, indent=1))
-    return rows

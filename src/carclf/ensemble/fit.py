@@ -22,16 +22,17 @@ from typing import Any
 
 import numpy as np
 
-from carclf.calibrate.temperature import T_MAX, T_MIN
 from carclf.data.merges import MergeMap
-from carclf.ensemble.combine import (
+from carclf.metrics import (
     CAL_FLOOR,
     DEFAULT_EPS,
     calibrate,
     clip,
     combine,
+    fit_temperature,
     nll,
-    tempered,
+    scale_newton,
+    softmax,
 )
 
 METHODS = ("equal", "logloss", "greedy", "scipy")
@@ -73,7 +74,7 @@ class Problem:
 
     def member_probs(self, m: int, policy: str, temperature: float, rows: np.ndarray) -> np.ndarray:
         """Member m's tempered probabilities over the submission's columns, on ``rows``."""
-        return self.merges[m].expand(tempered(self.logits[m][policy][rows], temperature))
+        return self.merges[m].expand(softmax(self.logits[m][policy][rows], temperature))
 
 
 @dataclass(frozen=True)
@@ -111,59 +112,10 @@ class Fitted:
     member_loss: list[float | None] = field(default_factory=list)  # per member, on the fitting rows
 
 
-# -------------------------------------------------------------------------------------------------- temperature
-def _scale_newton(z: np.ndarray, y: np.ndarray, iters: int = 30, s0: float = 1.0) -> tuple[float, float]:
-    """(s, loss): the inverse temperature s minimising mean NLL of softmax(s z), and that NLL.
-
-    The NLL is convex in s, so a safeguarded Newton step converges in a few iterations. Written here rather than
-    calling carclf.calibrate.temperature.fit_temperature (torch L-BFGS, the same optimum): the ensemble step fits
-    hundreds of temperatures and autograd's overhead made that 10x slower on 2 CPU cores."""
-    z = np.asarray(z, dtype=np.float64)
-    n = len(y)
-    zy = z[np.arange(n), y]
-    lo, hi = 1 / T_MAX, 1 / T_MIN
-    s = float(np.clip(s0, lo, hi))
-
-    def parts(s):
-        a = s * z
-        a = a - a.max(axis=1, keepdims=True)
-        e = np.exp(a)
-        tot = e.sum(axis=1)
-        p = e / tot[:, None]
-        loss = float(np.mean(np.log(tot) - a[np.arange(n), y]))
-        mean_z = (p * z).sum(axis=1)
-        g = float(np.mean(mean_z - zy))
-        h = float(np.mean((p * z * z).sum(axis=1) - mean_z**2))
-        return loss, g, h
-
-    loss, g, h = parts(s)
-    for _ in range(iters):
-        step = g / h if h > 1e-12 else np.sign(g) * 0.5 * s
-        new = float(np.clip(s - step, lo, hi))
-        new_loss, new_g, new_h = parts(new)
-        while new_loss > loss + 1e-12 and abs(new - s) > 1e-9:  # overshoot: halve the step
-            new = (new + s) / 2
-            new_loss, new_g, new_h = parts(new)
-        if abs(new - s) < 1e-7 * s:
-            s, loss = new, new_loss
-            break
-        s, loss, g, h = new, new_loss, new_g, new_h
-    return s, loss
-
-
-def fit_temperature(z: np.ndarray, y: np.ndarray) -> float:
-    """Temperature scaling (bounded like carclf calibrate's: [0.05, 20])."""
-    return float(np.clip(1 / _scale_newton(z, y)[0], T_MIN, T_MAX))
-
-
 # ------------------------------------------------------------------------------------------------------ weights
 def _true_class(P: np.ndarray, y: np.ndarray) -> np.ndarray:
     """(M, n) probability each member gives the true class."""
     return np.maximum(P[:, np.arange(len(y)), y], 1e-15)
-
-
-def _space_loss(P: np.ndarray, y: np.ndarray, w: np.ndarray, space: str) -> float:
-    return nll(combine(P, w, space), y)
 
 
 def greedy_weights(P: np.ndarray, y: np.ndarray, space: str, iters: int = GREEDY_ITERS) -> np.ndarray:
@@ -182,7 +134,7 @@ def greedy_weights(P: np.ndarray, y: np.ndarray, space: str, iters: int = GREEDY
         scale = [1.0]
 
         def bag_losses(acc: np.ndarray, t: int) -> list[float]:
-            fits = [_scale_newton((acc + X[m]) / t, y, s0=scale[0]) for m in range(M)]
+            fits = [scale_newton((acc + X[m]) / t, y, s0=scale[0]) for m in range(M)]
             losses = [f[1] for f in fits]
             scale[0] = fits[int(np.argmin(losses))][0]  # warm start: the next bag's best scale is close
             return losses
@@ -261,7 +213,7 @@ def fit_weights(method: str, P: np.ndarray, y: np.ndarray, space: str) -> np.nda
 # --------------------------------------------------------------------------------------------------- calibration
 def fit_calibration(spec: str, p: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     """Fit the final calibration ``spec`` (``none``, ``temperature``, ``vector:<lam>``, ``matrix:<lam>``) on
-    combined probabilities ``p``; the result is what :func:`carclf.ensemble.combine.calibrate` applies."""
+    combined probabilities ``p``; the result is what :func:`carclf.metrics.calibrate` applies."""
     kind, _, lam = spec.partition(":")
     if kind == "none":
         return {"kind": "none"}

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from carclf.data.merges import MergeMap, identity
+from carclf.artifacts.oof import read_fold_oof
+from carclf.artifacts.run import RunDir
+from carclf.data.merges import MergeMap
 from carclf.errors import CarclfError
-from carclf.io import file_sha256, read_npz
-from carclf.rundir import RunDir, retrain_hint
+from carclf.io import file_sha256
 from carclf.tta import POLICIES, parse_policy, policy_views
 
 # The TTA policies the ensemble step tries, cheapest first; each is measured wherever a member's stored views allow.
@@ -97,7 +98,7 @@ def load_member(spec: MemberSpec, name: str, log: Callable[[str], None] = print)
     cfg = rd.read_config()
     meta = rd.read_meta()
     classes = meta["classes"]
-    merge = MergeMap.from_dict(meta["merge"]) if "merge" in meta else identity(classes)
+    merge = rd.merge_map(meta)
     completed = rd.completed_folds()
     wanted = completed if spec.folds is None else spec.folds
     unfinished = [k for k in wanted if k not in completed]
@@ -114,8 +115,7 @@ def load_member(spec: MemberSpec, name: str, log: Callable[[str], None] = print)
     view_sets = []
     no_views = []
     for k in folds:
-        z = read_npz(rd.fold(k).oof, ("paths", "labels", "original_labels", "logits"), retrain_hint(rd.fold(k)),
-                     optional=("views", "view_logits", "features"))
+        z = read_fold_oof(rd.fold(k), ("paths", "labels", "original_labels", "logits"))
         parts["paths"].append(z["paths"].astype(str))
         parts["labels"].append(z["labels"])
         parts["orig"].append(z["original_labels"])

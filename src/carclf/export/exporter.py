@@ -29,12 +29,12 @@ import torch
 import yaml
 from torch import nn
 
-from carclf.analyze.metrics import score, softmax
-from carclf.ensemble.spec import CALIBRATION_FILE, save_calibration
+from carclf.artifacts.ensemble import CALIBRATION_FILE, save_calibration
+from carclf.artifacts.export import SPEC_KEY, spec_checksum
+from carclf.artifacts.run import FULL, RunDir, clear_owned_folder
 from carclf.errors import CarclfError
 from carclf.export.photos import FoldPhotos, oof_photos, synthetic_photos, training_photos
 from carclf.export.quantize import INT8_MODES, quantize_engine
-from carclf.infer.export_spec import SPEC_KEY, spec_checksum
 from carclf.infer.onnx_engine import (
     EXPORT_FILE,
     EXPORT_FORMAT,
@@ -46,8 +46,8 @@ from carclf.infer.onnx_engine import (
     read_export,
 )
 from carclf.io import atomic_write, atomic_write_text, file_sha256
+from carclf.metrics import score, softmax
 from carclf.models.forward import apply_view
-from carclf.rundir import FULL, RunDir, clear_owned_folder
 
 INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
 ENGINE_FILE_RE = re.compile(r"(m\d+\.)?(fold\d+|full)(\.int8)?\.onnx")

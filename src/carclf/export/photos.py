@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from carclf.artifacts.oof import read_fold_oof
+from carclf.artifacts.run import RunDir
 from carclf.data.scan import DataDisk, resolve_photo
-from carclf.io import read_npz
-from carclf.rundir import RunDir, retrain_hint
 
 
 @dataclass
@@ -34,7 +34,7 @@ def spread(n: int, k: int) -> np.ndarray:
 def oof_photos(run: RunDir, fold: int, limit: int, root: Path | None = None) -> FoldPhotos:
     """Up to ``limit`` out-of-fold photos of ``fold`` that are still on disk, with their labels."""
     root = Path(root or run.read_config().data.root)
-    z = read_npz(run.fold(fold).oof, ("paths", "labels"), retrain_hint(run.fold(fold)))
+    z = read_fold_oof(run.fold(fold), ("paths", "labels"), ())
     rel, labels = [str(p) for p in z["paths"]], np.asarray(z["labels"])
     disk = DataDisk(root)
     found = [(resolve_photo(disk, r), y) for r, y in zip(rel, labels, strict=True)]

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from carclf.artifacts.export import engine_classes, validate_export
 from carclf.errors import CarclfError
-from carclf.infer.export_spec import engine_classes, validate_export
 from carclf.io import file_sha256, read_yaml
 
 EXPORT_FILE = "export.yaml"
@@ -243,7 +243,7 @@ def load_exported_predictor(export_dir: Path | str, precision: str = "fp32", thr
     for key, value in (doc.get("predictor") or {}).items():  # further post-processing state (ensembles)
         setattr(p, key, value)
     if p.postprocess:  # an ensemble: its vector / matrix calibration arrays live beside export.yaml
-        from carclf.ensemble.spec import load_calibration
+        from carclf.artifacts.ensemble import load_calibration
 
         p.postprocess["calibration"] = load_calibration(export_dir, p.postprocess["calibration"],
                                                         "Export the ensemble again.", EXPORT_FILE)

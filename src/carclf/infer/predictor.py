@@ -19,15 +19,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from carclf.analyze.metrics import softmax
+from carclf.artifacts.run import FULL, RunDir
 from carclf.data.dataset import ImageDataset, eval_batches, make_loader
 from carclf.data.imageio import ImageSource
 from carclf.data.merges import MergeMap, identity
 from carclf.data.transforms import batch_normalize, data_config_for, eval_transform
 from carclf.errors import CarclfError
+from carclf.metrics import calibrate, combine, softmax
 from carclf.models.factory import load_fold_model
 from carclf.models.forward import batch_logits
-from carclf.rundir import FULL, RunDir
 from carclf.runtime import amp_dtype, select_device
 from carclf.tta import policy_views
 
@@ -60,6 +60,16 @@ def _decode_key(dcfg: dict, draft_factor: float, max_pixels: int | None) -> tupl
             dcfg.get("crop_mode", "center"), float(draft_factor), max_pixels)
 
 
+def postprocess(member_probs: Sequence[np.ndarray | None], head: dict[str, Any]) -> np.ndarray:
+    """An ensemble's post-processing: each member's probabilities (its folds' tempered softmax, averaged, over its
+    model classes) -> expanded by its merge map -> combined -> calibrated. Clipping is left to the submission writer
+    (``head['eps']``), as for a run."""
+    expanded = [MergeMap.from_dict(m["merge"]).expand(p) if p is not None else None
+                for m, p in zip(head["members"], member_probs, strict=True)]
+    weights = [m["weight"] for m in head["members"]]
+    return calibrate(combine(expanded, weights, head["space"]), head.get("calibration"))
+
+
 class Predictor:
     """Every completed fold of a run (or every fold of an ensemble's members), its temperature and its eval
     preprocessing.
@@ -83,7 +93,7 @@ class Predictor:
     ensemble: dict[str, Any] | None = None  # an ensemble's ensemble.yaml
 
     def __init__(self, run_dir: Path | str, device: str = "auto", folds: list[int] | None = None) -> None:
-        from carclf.ensemble.spec import is_ensemble_dir
+        from carclf.artifacts.ensemble import is_ensemble_dir
 
         self.device = select_device(device)
         if is_ensemble_dir(run_dir):
@@ -101,7 +111,7 @@ class Predictor:
         self.cfg = self.run.read_config()
         run_meta = self.run.read_meta()
         self.classes: list[str] = run_meta["classes"]  # the model's outputs
-        self.merge = MergeMap.from_dict(run_meta["merge"]) if "merge" in run_meta else identity(self.classes)
+        self.merge = self.run.merge_map(run_meta)
         # What predict_* return: every original class name, merged groups shared out by data.merge_split.
         self.output_classes: list[str] = self.merge.original
         # Only completed folds (with out-of-fold logits): an interrupted fold's best.pt is not a finished model.
@@ -134,7 +144,7 @@ class Predictor:
 
     def _load_ensemble(self, path: Path) -> None:
         """Members with a weight > 0, each fold's checkpoint checked against its sha256 in ensemble.yaml."""
-        from carclf.ensemble.spec import load_calibration, member_run, read_ensemble, verify_checksum
+        from carclf.artifacts.ensemble import load_calibration, member_run, read_ensemble, verify_checksum
 
         doc = read_ensemble(path)
         self.ensemble = doc
@@ -162,7 +172,7 @@ class Predictor:
             cfg = rd.read_config()
             meta = rd.read_meta()
             classes = meta["classes"]
-            merge = MergeMap.from_dict(meta["merge"]) if "merge" in meta else identity(classes)
+            merge = rd.merge_map(meta)
             if list(merge.original) != self.output_classes:
                 raise CarclfError(f"{path / 'ensemble.yaml'}: member {m['name']}'s run '{rd.path}' now has other "
                                   "classes than when the ensemble was made: rebuild the ensemble")
@@ -288,12 +298,8 @@ class Predictor:
             ok &= ok_group
         counts = np.bincount([self._member_of(i) for i in range(len(self.engines))])
         member_probs = [sums[m] / counts[m] for m in range(len(counts))]
-        if self.postprocess:
-            from carclf.ensemble.combine import postprocess
-
-            probs = postprocess(member_probs, self.postprocess)
-        else:
-            probs = self.merge.expand(member_probs[0])
+        probs = (postprocess(member_probs, self.postprocess) if self.postprocess
+                 else self.merge.expand(member_probs[0]))
         bad = np.where(~ok)[0].tolist()
         if bad:
             if fill_bad:

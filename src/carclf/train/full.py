@@ -10,9 +10,9 @@ import statistics
 from collections import Counter
 from collections.abc import Callable
 
+from carclf.artifacts.run import RunDir
 from carclf.config import Config
 from carclf.errors import CarclfError
-from carclf.rundir import RunDir
 
 
 def full_fit_plan(rd: RunDir, cfg: Config, log: Callable[[str], None]) -> dict:

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from carclf.analyze.metrics import score, softmax
+from carclf.artifacts.oof import write_fold_oof
+from carclf.artifacts.run import FoldPaths, RunDir, fold_name
 from carclf.config import Config, effective_lr, global_batch, parse_size_schedule, parse_sizes
 from carclf.data.dataset import ImageDataset, make_loader
 from carclf.data.merges import MergeMap
@@ -28,10 +29,10 @@ from carclf.data.rundata import RunData, load_run_data
 from carclf.data.splits import parse_folds
 from carclf.data.transforms import batch_normalize, data_config_for, eval_transform, train_transform
 from carclf.errors import CarclfError
-from carclf.io import atomic_savez, atomic_torch_save, atomic_write_text, file_sha256
+from carclf.io import atomic_torch_save, atomic_write_text, file_sha256
+from carclf.metrics import score, softmax
 from carclf.models.factory import create_model, load_fold_model
 from carclf.models.forward import infer_logits, infer_view_logits
-from carclf.rundir import FoldPaths, RunDir, fold_name
 from carclf.runtime import (
     amp_dtype,
     autocast,
@@ -786,8 +787,8 @@ def write_oof(
                **{f"oof_{m}": v for m, v in s.items()}, "best_sha256": best.get("sha256") or file_sha256(fp.best)}
     atomic_write_text(fp.summary, json.dumps(summary, indent=1))
     extra = {"features": feats[keep].astype(np.float16)} if feats is not None else {}
-    atomic_savez(  # last: its presence marks the fold complete
-        fp.oof, indices=idx, labels=labels, logits=logits.astype(np.float32),
+    write_fold_oof(  # last: its presence marks the fold complete
+        fp, indices=idx, labels=labels, logits=logits.astype(np.float32),
         original_labels=np.asarray(data.trainset.labels)[idx], paths=rel.astype(str),
         view_logits=view_logits.astype(np.float16), views=np.array(views), **extra,
     )

@@ -6,7 +6,7 @@
       ensemble.yaml     members (run path, folds, sha256 of each best.pt, weight, temperature, TTA policy), space,
                         final calibration, clipping eps, the cross-validated OOF figure of every candidate
       calibration.npz   vector / matrix calibration parameters (only for those kinds; its sha256 is in the yaml)
-      oof.npz           the chosen ensemble's cross-validated out-of-fold probabilities (carclf.ensemble.ensemble_oof)
+      oof.npz           the chosen ensemble's cross-validated out-of-fold probabilities (artifacts.oof.ensemble_oof)
       evaluation.json   written by ``carclf evaluate ENSEMBLE_DIR``
 """
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from carclf.config import Config, read_config
+from carclf.data.merges import MergeMap, identity
 from carclf.errors import CarclfError
 from carclf.io import atomic_write_text, file_sha256
 
@@ -240,6 +241,12 @@ class RunDir:
         if not self.meta_path.is_file():
             raise CarclfError(f"'{self.meta_path}' not found: '{self.path}' was never trained")
         return json.loads(self.meta_path.read_text(encoding="utf-8"))
+
+    def merge_map(self, meta: dict[str, Any] | None = None) -> MergeMap:
+        """Model classes -> the submission's original classes (run.json's ``merge``; the identity for a run trained
+        without merges)."""
+        meta = self.read_meta() if meta is None else meta
+        return MergeMap.from_dict(meta["merge"]) if "merge" in meta else identity(meta["classes"])
 
     def write_meta(self, meta: dict[str, Any]) -> None:
         atomic_write_text(self.meta_path, json.dumps(meta, ensure_ascii=False, indent=1))
