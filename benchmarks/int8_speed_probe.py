@@ -29,7 +29,8 @@ def main() -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from carclf.infer.onnx_engine import read_export, session_options
+    from carclf.artifacts.export import read_export
+    from carclf.infer.onnx_engine import session_options
 
     export = Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT
     doc = read_export(export)

@@ -35,7 +35,7 @@ def main() -> None:
     args = ap.parse_args()
     run = args.run or newest_run()
     from carclf.analyze.report import REPORT_MARKER, write_report
-    from carclf.artifacts.run import REPORT_FEATURE_CACHE as FEATURE_CACHE
+    from carclf.artifacts.report import REPORT_FEATURE_CACHE as FEATURE_CACHE
 
     cache = args.out / FEATURE_CACHE
     if cache.is_file() and (args.out / REPORT_MARKER).is_file() and not args.keep_cache:

@@ -94,7 +94,7 @@ def test_overwrite_clears_a_run_carclf_made(tmp_path):
 
 
 def test_overwrite_clears_the_runs_own_report_but_not_a_folder_a_user_put_there(tmp_path):
-    from carclf.artifacts.run import REPORT_MARKER
+    from carclf.artifacts.report import REPORT_MARKER
 
     rd = _fake_run(tmp_path / "run")
     report = rd.path / "report"
@@ -119,7 +119,7 @@ def test_overwrite_clears_the_runs_own_report_but_not_a_folder_a_user_put_there(
 def test_report_writes_only_names_the_run_overwrite_knows():
     """Every file the report writes is in carclf.artifacts.run.REPORT_FILES (else train --overwrite would refuse)."""
     from carclf.analyze.report import FEATURE_CACHE, PLOTS
-    from carclf.artifacts.run import REPORT_FILES
+    from carclf.artifacts.report import REPORT_FILES
 
     assert {FEATURE_CACHE, *PLOTS.values()} <= REPORT_FILES
 

@@ -28,9 +28,9 @@ from carclf.analyze import report_stats as st
 from carclf.analyze.prepare_report import _CSS
 from carclf.analyze.report_features import compute_features, tsne_map
 from carclf.artifacts.oof import OofSet, load_oof
-from carclf.artifacts.run import REPORT_FEATURE_CACHE as FEATURE_CACHE
-from carclf.artifacts.run import REPORT_FILES, REPORT_MARKER
-from carclf.artifacts.run import REPORT_PLOTS as PLOTS
+from carclf.artifacts.report import REPORT_FEATURE_CACHE as FEATURE_CACHE
+from carclf.artifacts.report import REPORT_FOLDER
+from carclf.artifacts.report import REPORT_PLOTS as PLOTS
 from carclf.data.scan import DataDisk
 from carclf.errors import CarclfError
 from carclf.io import atomic_write, atomic_write_text
@@ -88,32 +88,8 @@ def _pct(v: float) -> str:
 def prepare_out(out: Path, overwrite: bool) -> None:
     """Make the report folder, or make room in it: an existing report is replaced only with ``overwrite``, and
     only when carclf made the folder and every entry in it is a report file (the features cache stays)."""
-    if out.exists() and not out.is_dir():
-        raise CarclfError(f"report folder '{out}' is a file: choose another folder with -o")
-    entries = list(out.iterdir()) if out.is_dir() else []
-    made = (out / REPORT_MARKER).is_file()
-    kept = {REPORT_MARKER, FEATURE_CACHE}
-    content = [e for e in entries if e.name not in kept and not (e.name.startswith(".") and e.name.endswith(".tmp"))]
-    if content:
-        if not made:
-            raise CarclfError(f"'{out}' holds files that carclf's report did not write: choose another folder with -o")
-        if not overwrite:
-            raise CarclfError(f"'{out}' already holds a report: pass --overwrite to replace it, or choose another "
-                              "folder with -o")
-        unknown = [e.name for e in content if e.name not in REPORT_FILES]
-        if unknown:
-            raise CarclfError(f"--overwrite: '{out}' holds things the report did not write ({', '.join(unknown[:5])}"
-                              "), so nothing was deleted. Move them out first, or choose another folder with -o.")
-        import shutil
-
-        for e in content:
-            if e.is_dir() and not e.is_symlink():
-                shutil.rmtree(e)
-            else:
-                e.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    if not made:
-        atomic_write_text(out / REPORT_MARKER, json.dumps({"kind": "report", "created": _now()}) + "\n")
+    if not REPORT_FOLDER.make_room(out, overwrite):
+        REPORT_FOLDER.mark(out, {"kind": "report", "created": _now()})
 
 
 def _now() -> str:

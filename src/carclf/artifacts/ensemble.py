@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from carclf.artifacts.owned import OwnedFolder
 from carclf.errors import CarclfError
 from carclf.io import atomic_savez, file_sha256, read_yaml
 
@@ -28,6 +29,18 @@ CALIBRATION_FILE = "calibration.npz"
 OOF_FILE = "oof.npz"
 # What carclf writes into an ensemble folder: --overwrite deletes these and nothing else.
 KNOWN = {ENSEMBLE_FILE, CALIBRATION_FILE, OOF_FILE, "evaluation.json", "report"}
+
+
+def _readable(path: Path) -> bool:
+    try:
+        read_ensemble(path)
+    except CarclfError:
+        return False
+    return True
+
+
+# ensemble.yaml is the folder's marker: a folder whose ensemble.yaml carclf can read is an ensemble carclf made.
+ENSEMBLE_FOLDER = OwnedFolder("ensemble folder", ENSEMBLE_FILE, lambda _: KNOWN, "an ensemble", made=_readable)
 
 
 def is_ensemble_dir(path: Path | str) -> bool:

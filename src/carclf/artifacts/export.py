@@ -1,4 +1,7 @@
-"""``export.yaml`` checked strictly when it is loaded: known keys with the types carclf writes, engine and
+"""An export folder (``carclf export`` writes it): ``export.yaml``, the graphs it lists, ``calibration.npz`` for an
+ensemble's calibration arrays, and the ``.carclf-export`` marker.
+
+``export.yaml`` is checked strictly when it is loaded: known keys with the types carclf writes, engine and
 calibration files inside the export folder, and (exports made since it was recorded) a checksum of the whole spec.
 
 Every temperature, class name and post-processing figure in export.yaml is part of what the parity check at export
@@ -9,14 +12,23 @@ recorded) is checked for keys and types only.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
+from carclf.artifacts.ensemble import CALIBRATION_FILE
+from carclf.artifacts.owned import OwnedFolder
 from carclf.errors import CarclfError
+from carclf.io import read_yaml
 
+EXPORT_FILE = "export.yaml"
+EXPORT_MARKER = ".carclf-export"
+EXPORT_FORMAT = 1
+ENGINE_FILE_RE = re.compile(r"(m\d+\.)?(fold\d+|full)(\.int8)?\.onnx")  # how carclf export names its graphs
 SPEC_KEY = "spec_sha256"
 _NUMBER = (int, float)
 # key -> (type, required); a type may be a tuple of types
@@ -219,3 +231,39 @@ def engine_classes(doc: dict[str, Any]) -> list[int]:
     p = doc["predictor"]
     members = p["postprocess"]["members"]
     return [len(members[m]["merge"]["classes"]) for m in p["engine_members"]]
+
+
+def export_yaml(export_dir: Path | str) -> Path:
+    return Path(export_dir) / EXPORT_FILE
+
+
+def is_export_dir(path: Path | str) -> bool:
+    return export_yaml(path).is_file()
+
+
+def read_export(export_dir: Path | str) -> dict[str, Any]:
+    """The export's description, checked for the fields the loader needs."""
+    path = export_yaml(export_dir)
+    if not path.is_file():
+        raise CarclfError(f"'{export_dir}' is not an export directory (no {EXPORT_FILE}): run carclf export first")
+    doc = read_yaml(path, "export the model again")
+    needed = ("format", "engines", "classes", "merge", "config")
+    missing = [k for k in needed if not isinstance(doc, dict) or k not in doc]
+    if missing:
+        raise CarclfError(f"'{path}' lacks {', '.join(missing)}: it was not written by carclf export")
+    validate_export(doc, path, export_dir, EXPORT_FORMAT)  # keys, types, files inside, the spec's checksum
+    return doc
+
+
+def _export_names(out: Path) -> set[str]:
+    """What carclf writes in an export folder: what export.yaml lists, and graphs named as carclf names them (an
+    export that stopped half-way)."""
+    known = {EXPORT_FILE, EXPORT_MARKER, CALIBRATION_FILE}
+    known |= {p.name for p in out.iterdir() if ENGINE_FILE_RE.fullmatch(p.name)}
+    with contextlib.suppress(CarclfError):
+        for e in read_export(out)["engines"]:
+            known |= {f["file"] for f in e.get("files", {}).values()}
+    return known
+
+
+EXPORT_FOLDER = OwnedFolder("export directory", EXPORT_MARKER, _export_names, "an export")

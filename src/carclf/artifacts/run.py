@@ -28,12 +28,14 @@ import io
 import json
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from carclf.artifacts.owned import OwnedFolder, is_temp, remove_entry, remove_stale_temps
+from carclf.artifacts.report import REPORT_DIR, REPORT_FILES, REPORT_MARKER
 from carclf.config import Config, read_config
 from carclf.data.merges import MergeMap, identity
 from carclf.errors import CarclfError
@@ -45,24 +47,9 @@ FOLD_RE = re.compile(r"fold(\d+)")
 FULL = -1  # the fold number of the full-data fit (train.folds=full), kept in full/
 FULL_DIR = "full"
 TOP_FILES = {"config.yaml", "run.json", "folds.csv", "skipped.csv", "evaluation.json", MARKER}
-# `carclf report RUN` writes RUN/report/ (carclf.analyze.report): --overwrite of the run deletes it with the run (it
-# describes the old run's OOF predictions), but only when it carries the report's marker and holds only its files.
-REPORT_DIR = "report"
-# The report's file names are defined here, once, so that this module need not import the report (matplotlib).
-REPORT_MARKER = ".carclf-report"
-REPORT_PLOTS = {"curves": "curves.png", "calibration": "calibration.png", "worst": "worst_classes.png",
-                "embedding": "embedding.png"}
-REPORT_FEATURE_CACHE = "features.npz"
-REPORT_FILES = {"report.html", "report.json", "per_class.csv", "label_issues.csv", "confusable.yaml", "thumbs",
-                REPORT_FEATURE_CACHE, *REPORT_PLOTS.values(), REPORT_MARKER}
 FOLD_FILES = {"best.pt", "last.pt", "metrics.csv", "oof.npz", "summary.json", "calibration.json", "curves.png",
               "mlflow_run.json"}
 RUN_LOCK_TIMEOUT = 120.0  # seconds to wait for another process's short update of the shared files
-
-
-def _is_temp(name: str) -> bool:
-    """An atomic write's temp file (``.<name>.<random>.tmp``), left behind only if a process was killed mid-write."""
-    return name.startswith(".") and name.endswith(".tmp")
 
 
 @dataclass(frozen=True)
@@ -285,7 +272,7 @@ class RunDir:
         make, one holding files carclf did not write, one with a fold in training, or one that holds ``protect``.
         ``dry_run``: only check."""
         # is_run(): the marker, or config.yaml beside run.json for runs made before the marker existed.
-        owned = _owned_entries(self.path, self.is_run(), MARKER, _run_entry_unknown, "run directory")
+        owned = RUN_FOLDER.owned_entries(self.path)
         here = self.path.resolve()
         for p in protect:
             p = Path(p).resolve()
@@ -301,7 +288,7 @@ class RunDir:
                 return
             for entry in owned:
                 if entry.name != LOCKS:
-                    _remove(entry)
+                    remove_entry(entry)
 
     # ------------------------------------------------------------------------------------------------ locks
     def _lock_path(self, name: str) -> Path:
@@ -396,32 +383,17 @@ def retrain_hint(fp: FoldPaths) -> str:
             f"train.folds={'full' if fp.is_full else fp.k} and --resume")
 
 
-# Temp files of io.atomic_write (``.<name>.<pid>.<16 hex>.tmp``) and of RunDir.copy_folds, by the file they stand for.
-_TEMP_RE = re.compile(r"\.(?P<name>.+?)(\.\d+\.[0-9a-f]{16}|\.copy)\.tmp")
 # What training writes under a fold's lock (calibration.json is calibrate's, which takes no lock), and under the run
 # lock at the top of the run (evaluation.json is evaluate's, which takes none).
 _FOLD_LOCKED = FOLD_FILES - {"calibration.json"}
 _RUN_LOCKED = {"config.yaml", "run.json", "folds.csv", "skipped.csv", MARKER}
 
 
-def remove_stale_temps(folder: Path, names: set[str]) -> list[Path]:
-    """Delete the temp files that interrupted atomic writes of ``names`` left in ``folder`` (a process killed while
-    writing; ``kill -9`` runs no cleanup). Only with the lock held under which those files are written: then no live
-    process is writing one. Anything else, a user's ``.notes.tmp`` included, stays."""
-    removed = []
-    for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
-        m = _TEMP_RE.fullmatch(entry.name)
-        if m and m.group("name") in names and entry.is_file() and not entry.is_symlink():
-            entry.unlink(missing_ok=True)
-            removed.append(entry)
-    return removed
-
-
 def _run_entry_unknown(entry: Path) -> list[str]:
     """What carclf did not write in one top-level entry of a run directory, as paths relative to the run ("notes.txt",
     "fold0/plot.png"); [] when carclf wrote all of it."""
     name = entry.name
-    if name == LOCKS or _is_temp(name):
+    if name == LOCKS or is_temp(name):
         return []
     if entry.is_dir() and (FOLD_RE.fullmatch(name) or name == FULL_DIR):
         known = FOLD_FILES
@@ -429,47 +401,11 @@ def _run_entry_unknown(entry: Path) -> list[str]:
         known = REPORT_FILES
     else:
         return [] if name in TOP_FILES and entry.is_file() else [name]
-    return sorted(f"{name}/{c.name}" for c in entry.iterdir() if c.name not in known and not _is_temp(c.name))
+    return sorted(f"{name}/{c.name}" for c in entry.iterdir() if c.name not in known and not is_temp(c.name))
 
 
-def _owned_entries(
-    folder: Path, made: bool, marker: str, unknown: Callable[[Path], list[str]], what: str
-) -> list[Path]:
-    """The entries of ``folder``, once it is sure carclf ``made`` it and wrote every one of them (``unknown(entry)``:
-    the paths inside ``folder`` that carclf did not write)."""
-    if not made:
-        raise CarclfError(
-            f"--overwrite: '{folder}' was not made by carclf (it has no {marker} marker), so it is not deleted. "
-            "Choose another name, or move or delete the folder yourself."
-        )
-    entries = sorted(folder.iterdir())
-    foreign = [rel for e in entries for rel in unknown(e)]
-    if foreign:
-        listed = ", ".join(f"'{rel}'" for rel in foreign[:5])
-        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
-        raise CarclfError(
-            f"--overwrite: the {what} '{folder}' holds things carclf did not write ({listed}{more}), so nothing was "
-            "deleted. Move them out first, or choose another name."
-        )
-    return entries
+# made: the marker, or config.yaml beside run.json for runs made before the marker existed (RunDir.is_run)
+RUN_FOLDER = OwnedFolder("run directory", MARKER, lambda _: TOP_FILES, "a run", flag="name",
+                         made=lambda p: RunDir(p).is_run(), unknown=_run_entry_unknown)
 
-
-def _remove(entry: Path) -> None:
-    if entry.is_dir() and not entry.is_symlink():
-        shutil.rmtree(entry)
-    else:
-        entry.unlink()
-
-
-def clear_owned_folder(folder: Path, marker: str, known_names: set[str], what: str) -> None:
-    """Delete a folder's contents that carclf made (``--overwrite`` of the demo): only with the marker, and only
-    when every top-level entry is one of ``known_names``."""
-    made = (folder / marker).is_file()
-    entries = _owned_entries(
-        folder, made, marker, lambda e: [] if e.name in known_names or _is_temp(e.name) else [e.name], what
-    )
-    for entry in entries:
-        _remove(entry)
-
-
-__all__ = ["FULL", "MARKER", "FoldPaths", "RunDir", "clear_owned_folder", "fold_name"]
+__all__ = ["FULL", "MARKER", "RUN_FOLDER", "FoldPaths", "RunDir", "fold_name"]

@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import csv
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
 from carclf.analyze.evaluate import evaluate_run, format_table
-from carclf.artifacts.run import clear_owned_folder
+from carclf.artifacts.owned import OwnedFolder
 from carclf.calibrate.temperature import calibrate_run
 from carclf.config import load_config
 from carclf.data.scan import nfc
 from carclf.demo.synth import SynthSpec, make_dataset
-from carclf.errors import CarclfError
 from carclf.infer.predict import predict_run
-from carclf.io import atomic_write_text
 from carclf.metrics import score
 
 # The demo recipe: offline pretrained lite0, 3 folds, small photos, a few epochs (minutes on 2 CPU cores).
@@ -36,6 +33,7 @@ DEMO_OVERRIDES = [
 DEMO_SPEC = SynthSpec(n_classes=12, train_per_class=30, test_per_class=8, seed=0)
 DEMO_MARKER = ".carclf-demo"
 DEMO_ENTRIES = {DEMO_MARKER, "data", "runs", "submission.csv"}  # everything a demo writes into --out
+DEMO_FOLDER = OwnedFolder("demo folder", DEMO_MARKER, lambda _: DEMO_ENTRIES, "a demo", flag="--out")
 
 
 def read_labels(path: Path) -> dict[str, str]:
@@ -58,16 +56,9 @@ def run_demo(
 ) -> dict:
     """Generate the data, run every step, print a summary table; return the summary figures."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise CarclfError(f"--out '{out}' is a file, not a folder: choose another --out")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            what = "an earlier demo" if (out / DEMO_MARKER).is_file() else "files of yours"
-            raise CarclfError(f"'{out}' already holds {what}: pass --overwrite to replace a demo, or --out elsewhere")
-        clear_owned_folder(out, DEMO_MARKER, DEMO_ENTRIES, "demo folder")
+    DEMO_FOLDER.make_room(out, overwrite)
     start = time.time()
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / DEMO_MARKER, json.dumps({"kind": "carclf demo", "spec": vars(spec)}, default=str) + "\n")
+    DEMO_FOLDER.mark(out, {"kind": "carclf demo", "spec": vars(spec)})
     info = make_dataset(out / "data", spec)
     print(f"synthetic data: {len(info.classes)} classes (two of them one model: {info.merged[0]}), "
           f"{len(info.duplicates)} duplicate photos, {len(info.test_labels)} test photos -> {out / 'data'}")

@@ -14,10 +14,9 @@ import yaml
 
 from carclf.artifacts.ensemble import (
     ENSEMBLE_FILE,
+    ENSEMBLE_FOLDER,
     FORMAT,
     KIND,
-    KNOWN,
-    read_ensemble,
     relative_run,
     save_calibration,
 )
@@ -40,40 +39,13 @@ from carclf.io import atomic_write
 def _check_out(out: Path, overwrite: bool, members: list[Member]) -> None:
     """Refuse an output folder that holds anything but an earlier carclf ensemble (and that only with --overwrite);
     never one inside a member's run, or one holding a member's run."""
-    if out.exists() and not out.is_dir():
-        raise CarclfError(f"-o '{out}' exists and is not a folder: choose another -o")
     o = out.resolve()
     for m in members:
         r = m.run.path.resolve()
         if o == r or r in o.parents or o in r.parents:
             raise CarclfError(f"-o '{out}' overlaps member {m.name}'s run '{m.run.path}': write the ensemble to a "
                               "folder of its own, e.g. runs/ensembles/<name>")
-    if not (out.is_dir() and any(out.iterdir())):
-        return
-    if not overwrite:
-        raise CarclfError(f"'{out}' already exists and is not empty: pass --overwrite to replace an earlier ensemble "
-                          "there, or choose another -o")
-    try:
-        read_ensemble(out)
-    except CarclfError as exc:
-        raise CarclfError(f"--overwrite: '{out}' does not hold an ensemble made by carclf ({exc}), so nothing there "
-                          "is deleted. Choose another -o, or move the folder yourself.") from None
-    unknown = [p.name for p in out.iterdir() if p.name not in KNOWN and not _is_temp(p.name)]
-    if unknown:
-        raise CarclfError(f"--overwrite: '{out}' holds things carclf ensemble did not write ({', '.join(unknown[:5])})"
-                          ", so nothing was deleted. Move them out first, or choose another -o.")
-
-
-def _is_temp(name: str) -> bool:
-    return name.startswith(".") and name.endswith(".tmp")
-
-
-def _clear(out: Path) -> None:
-    import shutil
-
-    for p in out.iterdir():
-        if p.name in KNOWN or _is_temp(p.name):
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    ENSEMBLE_FOLDER.check(out, overwrite)
 
 
 def load_problem(specs: list[str], cv_groups_from: int = 0, log: Callable[[str], None] = print
@@ -161,9 +133,7 @@ def build_ensemble(
               "chosen": c.chosen} for c in sel.candidates]
     doc = _document(members, al, prob, classes, chosen, final, out, table, figures, nested_doc, cv_text, cv_folds,
                     cv, seed, seconds)
-    if out.is_dir() and any(out.iterdir()):
-        _clear(out)  # checked above: only an earlier ensemble's own files
-    out.mkdir(parents=True, exist_ok=True)
+    ENSEMBLE_FOLDER.make_room(out, overwrite)  # checked above: only an earlier ensemble's own files
     doc["calibration"] = save_calibration(out, final.calibration)  # vector / matrix arrays: calibration.npz
     feats = members[0].features[al.index[0]] if members[0].features is not None else None
     write_ensemble_oof(out, paths=al.paths.astype(str), labels=prob.labels, folds=prob.groups,

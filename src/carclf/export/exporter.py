@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import re
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -29,28 +28,23 @@ import torch
 import yaml
 from torch import nn
 
-from carclf.artifacts.ensemble import CALIBRATION_FILE, save_calibration
-from carclf.artifacts.export import SPEC_KEY, spec_checksum
-from carclf.artifacts.run import FULL, RunDir, clear_owned_folder
+from carclf.artifacts.ensemble import save_calibration
+from carclf.artifacts.export import EXPORT_FILE, EXPORT_FOLDER, EXPORT_FORMAT, EXPORT_MARKER, SPEC_KEY, spec_checksum
+from carclf.artifacts.run import FULL, RunDir
 from carclf.errors import CarclfError
 from carclf.export.photos import FoldPhotos, oof_photos, synthetic_photos, training_photos
 from carclf.export.quantize import INT8_MODES, quantize_engine
 from carclf.infer.onnx_engine import (
-    EXPORT_FILE,
-    EXPORT_FORMAT,
-    EXPORT_MARKER,
     PARITY_TOLERANCE,
     OnnxFold,
     dcfg_to_yaml,
     load_exported_predictor,
-    read_export,
 )
 from carclf.io import atomic_write, atomic_write_text, file_sha256
 from carclf.metrics import score, softmax
 from carclf.models.forward import apply_view
 
 INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
-ENGINE_FILE_RE = re.compile(r"(m\d+\.)?(fold\d+|full)(\.int8)?\.onnx")
 
 
 class EngineModule(nn.Module):
@@ -162,20 +156,7 @@ def _prepare_out(out: Path, overwrite: bool, source: Path) -> None:
     if dst == src or src in dst.parents:
         raise CarclfError(f"-o '{out}' is inside the run directory '{source}': export elsewhere (a run directory "
                           "holds only what training writes)")
-    if out.exists() and not out.is_dir():
-        raise CarclfError(f"-o '{out}' exists and is not a folder: choose another -o")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise CarclfError(f"'{out}' already exists and is not empty: pass --overwrite to replace an earlier "
-                              "export there, or choose another -o")
-        # Ours: what export.yaml lists, and graphs named as carclf names them (an export that stopped half-way)
-        known = {EXPORT_FILE, EXPORT_MARKER, CALIBRATION_FILE}
-        known |= {p.name for p in out.iterdir() if ENGINE_FILE_RE.fullmatch(p.name)}
-        with contextlib.suppress(CarclfError):
-            for e in read_export(out)["engines"]:
-                known |= {f["file"] for f in e.get("files", {}).values()}
-        clear_owned_folder(out, EXPORT_MARKER, known, "export directory")
-    out.mkdir(parents=True, exist_ok=True)
+    EXPORT_FOLDER.make_room(out, overwrite)
 
 
 def _ensemble_state(predictor, out: Path) -> dict[str, Any]:

@@ -16,13 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from carclf.artifacts.export import engine_classes, validate_export
+from carclf.artifacts.export import EXPORT_FILE, engine_classes, export_yaml, is_export_dir, read_export
 from carclf.errors import CarclfError
-from carclf.io import file_sha256, read_yaml
+from carclf.io import file_sha256
 
-EXPORT_FILE = "export.yaml"
-EXPORT_MARKER = ".carclf-export"
-EXPORT_FORMAT = 1
 PARITY_TOLERANCE = 1e-4  # max |p_onnx - p_torch| of calibrated probabilities an fp32 export must stay below
 PRECISIONS = ("fp32", "int8")
 
@@ -108,29 +105,6 @@ class OnnxFold:
 
     def __repr__(self) -> str:
         return f"OnnxFold('{self.path.name}', {self.precision}, views={','.join(self.views)})"
-
-
-# ---------------------------------------------------------------------------------------------------- export.yaml
-def export_yaml(export_dir: Path | str) -> Path:
-    return Path(export_dir) / EXPORT_FILE
-
-
-def is_export_dir(path: Path | str) -> bool:
-    return export_yaml(path).is_file()
-
-
-def read_export(export_dir: Path | str) -> dict[str, Any]:
-    """The export's description, checked for the fields the loader needs."""
-    path = export_yaml(export_dir)
-    if not path.is_file():
-        raise CarclfError(f"'{export_dir}' is not an export directory (no {EXPORT_FILE}): run carclf export first")
-    doc = read_yaml(path, "export the model again")
-    needed = ("format", "engines", "classes", "merge", "config")
-    missing = [k for k in needed if not isinstance(doc, dict) or k not in doc]
-    if missing:
-        raise CarclfError(f"'{path}' lacks {', '.join(missing)}: it was not written by carclf export")
-    validate_export(doc, path, export_dir, EXPORT_FORMAT)  # keys, types, files inside, the spec's checksum
-    return doc
 
 
 def model_version(export_dir: Path | str) -> str:
@@ -282,7 +256,7 @@ def open_predictor(source: Path | str, engine: str = "torch", device: str = "aut
 
 
 __all__ = [
-    "EXPORT_FILE", "EXPORT_MARKER", "OnnxFold", "PARITY_TOLERANCE", "is_export_dir", "load_engines",
-    "load_exported_predictor", "model_version", "open_predictor", "physical_cores", "read_export", "session_options",
+    "OnnxFold", "PARITY_TOLERANCE", "load_engines",
+    "load_exported_predictor", "model_version", "open_predictor", "physical_cores", "session_options",
     "swap_engines",
 ]

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from carclf.artifacts.export import is_export_dir
 from carclf.data.scan import TestSet, read_sample_columns, scan_test
 from carclf.errors import CarclfError
-from carclf.infer.onnx_engine import is_export_dir, open_predictor
+from carclf.infer.onnx_engine import open_predictor
 from carclf.infer.predictor import Predictor
 from carclf.infer.submission import align_columns, check_output, read_sample_ids, write_submission
 
