@@ -27,7 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from carclf.errors import CarclfError
-from carclf.serve.server import wait_until_ready
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests/serving.py
+from tests.serving import wait_until_ready  # noqa: E402 - a helper of the tests, not of the package
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RUN = ROOT / "benchmarks" / "out" / "cpu-lite0-bench-20261123-130103"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from carclf.errors import CarclfError
-from carclf.serve.server import wait_until_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,6 +47,25 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def wait_until_ready(url: str, proc, timeout: float) -> None:
+    """Poll ``url``/readyz until a ``carclf serve`` process started with ``subprocess.Popen`` answers 200; a
+    CarclfError if it exits first or is not ready within ``timeout`` seconds (tests and benchmarks/serve_load.py)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise CarclfError(f"carclf serve exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise CarclfError(f"carclf serve not ready after {timeout:.0f} s")
+        time.sleep(0.5)
 
 
 @contextmanager

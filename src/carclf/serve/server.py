@@ -90,23 +90,3 @@ def serve(source: str | Path, host: str = "127.0.0.1", port: int = 8000, workers
     uvicorn.run("carclf.serve.server:app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level=log_level, access_log=False, **timeouts)
 
-
-def wait_until_ready(url: str, proc, timeout: float) -> None:
-    """Poll ``url``/readyz until a ``carclf serve`` process started with ``subprocess.Popen`` answers 200; a
-    CarclfError if it exits first or is not ready within ``timeout`` seconds (for launch scripts and tests)."""
-    import time
-
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise CarclfError(f"carclf serve exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise CarclfError(f"carclf serve not ready after {timeout:.0f} s")
-        time.sleep(0.5)
