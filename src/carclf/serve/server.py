@@ -89,4 +89,3 @@ def serve(source: str | Path, host: str = "127.0.0.1", port: int = 8000, workers
           flush=True)
     uvicorn.run("carclf.serve.server:app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level=log_level, access_log=False, **timeouts)
-
