@@ -104,11 +104,7 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(Path(args.out), overwrite=args.overwrite, overrides=args.overrides)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="carclf", description="Fine-grained car-model recognition: train, calibrate, "
-                                "predict and evaluate on the competition's class-folder layout.")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _add_train(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="split the data into folds and train some or all of them")
     t.add_argument("-c", "--config", help="YAML recipe (configs/*.yaml)")
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. data.root=DATA train.folds=all")
@@ -118,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="delete an earlier run of this name first (only a folder carclf made, holding only its files)")
     t.set_defaults(func=_train)
 
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
     pp = sub.add_parser("prepare", help="check the data: manifest, bad files, duplicates, conflicts, leaks")
     pp.add_argument("data", help="data root holding train/ (and test.csv, test/)")
     pp.add_argument("-c", "--config", help="YAML recipe whose data.* policies to use")
@@ -126,10 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("overrides", nargs="*", help="data.* overrides, e.g. data.near_threshold=4 data.cross_class=keep")
     pp.set_defaults(func=_prepare)
 
+
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("calibrate", help="fit a temperature per fold on its out-of-fold logits")
     c.add_argument("run", help="run directory, e.g. runs/lite0")
     c.set_defaults(func=_calibrate)
 
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
     pr = sub.add_parser("predict", help="write a submission from every fold of a run, or from an ensemble")
     pr.add_argument("run", help="run directory, ensemble folder or export folder")
     pr.add_argument("--data", required=True, help="data root holding test.csv, test/ and sample_submission.csv")
@@ -140,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="onnx: ONNX Runtime (a run is exported to a temporary folder first; an export dir as is)")
     pr.set_defaults(func=_predict)
 
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
     ex = sub.add_parser("export", help="ONNX graphs of every fold engine (TTA inside), parity-checked, optional int8")
     ex.add_argument("source", help="run directory or ensemble folder")
     ex.add_argument("-o", "--output", required=True, help="export folder (export.yaml + one .onnx per engine)")
@@ -151,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--eval-photos", type=int, default=256, help="OOF photos per fold scoring the int8 graphs")
     ex.set_defaults(func=_export)
 
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
     sv = sub.add_parser("serve", help="HTTP API + upload page for a run or an export (FastAPI + uvicorn)")
     sv.add_argument("source", help="export folder (ONNX Runtime), or run directory or ensemble folder (PyTorch)")
     sv.add_argument("--host", default="127.0.0.1")
@@ -178,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds requests in flight get to finish after SIGTERM before they are cancelled")
     sv.set_defaults(func=_serve)
 
+
+def _add_ensemble(sub: argparse._SubParsersAction) -> None:
     en = sub.add_parser("ensemble", help="combine runs (or some of their folds) into an ensemble chosen on "
                         "cross-validated out-of-fold log loss: weights, space, TTA, calibration, clipping")
     en.add_argument("members", nargs="+", metavar="RUN", help="run directory, or RUN:FOLDS (e.g. runs/a:0,2)")
@@ -192,10 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--threads", type=int, default=1, help="BLAS threads for the fits")
     en.set_defaults(func=_ensemble)
 
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("evaluate", help="out-of-fold log loss, accuracy, top-5 and ECE per fold and overall")
     e.add_argument("run", help="run directory or ensemble folder")
     e.set_defaults(func=_evaluate)
 
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("report", help="error analysis from out-of-fold predictions: report.html, confusable groups, "
                        "likely label errors")
     r.add_argument("run", help="run directory or ensemble folder")
@@ -204,12 +216,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", help="for features of runs that predate stored features")
     r.set_defaults(func=_report)
 
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("demo", help="generate synthetic car photos and run train -> calibrate -> predict -> evaluate")
     d.add_argument("--out", default="runs/demo", help="folder for the demo's data and run")
     d.add_argument("--overwrite", action="store_true",
                    help="replace an earlier demo in --out (only a folder the demo made)")
     d.add_argument("overrides", nargs="*", help="key.sub=value overrides of the demo recipe")
     d.set_defaults(func=_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="carclf", description="Fine-grained car-model recognition: train, calibrate, "
+                                "predict and evaluate on the competition's class-folder layout.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_prepare, _add_calibrate, _add_predict, _add_export, _add_serve, _add_ensemble,
+                _add_evaluate, _add_report, _add_demo):  # one function a command, in --help's order
+        add(sub)
     return p
 
 
