@@ -42,6 +42,9 @@ from carclf.errors import CarclfError
 from carclf.io import atomic_write_text, file_sha256
 
 MARKER = ".carclf-run"
+# The run directory's layout version, in the marker ("format"; a marker without one is format 1, as every run before
+# the key existed). A newer format than this carclf reads is refused on open, in one line.
+RUN_FORMAT = 1
 LOCKS = ".locks"
 FOLD_RE = re.compile(r"fold(\d+)")
 FULL = -1  # the fold number of the full-data fit (train.folds=full), kept in full/
@@ -217,9 +220,26 @@ class RunDir:
             raise CarclfError(f"'{rd.path}' does not exist: give the run directory, e.g. runs/<name>")
         if not rd.is_run() or not rd.config_path.is_file():
             raise CarclfError(f"'{rd.path}' is not a carclf run directory (no {MARKER} and config.yaml)")
+        rd.check_format()
         if need_folds and not rd.completed_folds():
             raise CarclfError(f"'{rd.path}' has no completed fold (no fold*/oof.npz): train it first")
         return rd
+
+    def format(self) -> int:
+        """The layout version in the marker (1 for runs from before the key, and those from before the marker)."""
+        try:
+            doc = json.loads(self.marker.read_text(encoding="utf-8")) if self.marker.is_file() else {}
+        except (OSError, ValueError):
+            doc = {}
+        fmt = doc.get("format", 1) if isinstance(doc, dict) else 1
+        return fmt if isinstance(fmt, int) else 1
+
+    def check_format(self) -> None:
+        fmt = self.format()
+        if fmt > RUN_FORMAT:
+            raise CarclfError(f"'{self.path}' is a run directory of format {fmt}, newer than this carclf reads "
+                              f"({RUN_FORMAT}): upgrade carclf (pip install -U carclf), or train it again with this "
+                              "one (carclf train --overwrite)")
 
     def read_config(self) -> Config:
         return read_config(self.config_path)
@@ -262,7 +282,7 @@ class RunDir:
 
         self.path.mkdir(parents=True, exist_ok=True)
         if not self.marker.is_file():
-            marker = {"kind": "carclf run", "name": cfg.name, "carclf": __version__,
+            marker = {"kind": "carclf run", "format": RUN_FORMAT, "name": cfg.name, "carclf": __version__,
                       "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
             atomic_write_text(self.marker, json.dumps(marker, indent=1) + "\n")
         save_config(cfg, self.config_path)
