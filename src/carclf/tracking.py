@@ -19,7 +19,6 @@ network calls of its own accord.
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import logging
 import math
@@ -31,6 +30,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from carclf.artifacts.metrics_csv import read_float, read_metrics, split_rows
 from carclf.errors import CarclfError
 from carclf.io import atomic_write, atomic_write_text
 
@@ -389,13 +389,6 @@ def log_to_run(
 
 
 # ---------------------------------------------------------------------------------------------------- curves
-def _read_float(value: str | None) -> float:
-    try:
-        return float(value) if value not in (None, "") else math.nan
-    except ValueError:
-        return math.nan
-
-
 def write_curves(metrics_csv: Path | str, out: Path | str | None = None) -> Path:
     """Plot train loss, validation log loss and validation accuracy per epoch from a fold's metrics.csv into a PNG
     (default ``curves.png`` beside it); the end-of-training candidates (raw, SWA weights) are single points."""
@@ -403,19 +396,14 @@ def write_curves(metrics_csv: Path | str, out: Path | str | None = None) -> Path
     from matplotlib.figure import Figure
 
     src = Path(metrics_csv)
-    if not src.is_file():
-        raise CarclfError(f"'{src}' not found: no metrics to plot")
-    with src.open(encoding="utf-8", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    epochs = [r for r in rows if r.get("train_loss") not in (None, "")]
-    extra = [r for r in rows if r.get("train_loss") in (None, "")]
+    epochs, extra = split_rows(read_metrics(src))
     if not epochs:
         raise CarclfError(f"'{src}' holds no epoch yet: nothing to plot")
 
     def col(rs: list[dict], key: str) -> list[float]:
-        return [_read_float(r.get(key)) for r in rs]
+        return [read_float(r.get(key)) for r in rs]
 
-    x = [int(_read_float(r["epoch"])) + 1 for r in epochs]
+    x = [int(read_float(r["epoch"])) + 1 for r in epochs]
     fig = Figure(figsize=(10, 4), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     loss_ax, acc_ax = fig.subplots(1, 2)
@@ -425,10 +413,10 @@ def write_curves(metrics_csv: Path | str, out: Path | str | None = None) -> Path
     if any(math.isfinite(v) for v in col(epochs, "val_top5")):
         acc_ax.plot(x, col(epochs, "val_top5"), "o--", color="C2", alpha=0.5, label="val top-5")
     for i, r in enumerate(extra):
-        ex = int(_read_float(r.get("epoch"))) + 1
+        ex = int(read_float(r.get("epoch"))) + 1
         name = r.get("weights") or "final"
-        loss_ax.plot([ex], [_read_float(r.get("val_log_loss"))], "s", color=f"C{3 + i}", label=f"val log loss, {name}")
-        acc_ax.plot([ex], [_read_float(r.get("val_accuracy"))], "s", color=f"C{3 + i}", label=f"val accuracy, {name}")
+        loss_ax.plot([ex], [read_float(r.get("val_log_loss"))], "s", color=f"C{3 + i}", label=f"val log loss, {name}")
+        acc_ax.plot([ex], [read_float(r.get("val_accuracy"))], "s", color=f"C{3 + i}", label=f"val accuracy, {name}")
     for ax, title in ((loss_ax, "loss"), (acc_ax, "accuracy")):
         ax.set_xlabel("epoch")
         ax.set_title(title)

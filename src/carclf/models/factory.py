@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from carclf.artifacts.checkpoint import read_best
 from carclf.config import Config, ModelConfig
 from carclf.errors import CarclfError
 
@@ -181,12 +182,7 @@ def _create(cfg: ModelConfig, num_classes: int, pretrained: bool | None) -> nn.M
 def load_fold_model(cfg: Config, checkpoint: Path, num_classes: int, device: torch.device) -> nn.Module:
     """A trained fold's model from its ``best.pt``, on ``device``, in eval mode and the run's memory format."""
     model = create_model(cfg.model, num_classes, pretrained=False)
-    try:
-        # weights_only: a checkpoint is tensors and plain containers; unpickling one never runs code from it.
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
-    except Exception as exc:  # noqa: BLE001 - unpickling errors vary; all mean "not a checkpoint carclf wrote"
-        raise CarclfError(f"cannot read checkpoint '{checkpoint}': {type(exc).__name__}: {exc}") from exc
-    model.load_state_dict(state)
+    model.load_state_dict(read_best(Path(checkpoint))["model"])
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model.to(device).eval()
