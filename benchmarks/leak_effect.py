@@ -88,7 +88,7 @@ def main() -> None:
         # Validation photos whose planted copy sits in the training folds: the leak the group policy removes.
         copies_across = sum(1 for p, f in folds.items() if f == 0 and folds.get(copy_of(p), 0) != 0)
         val = evaluate_run(run)[0]
-        predictor = Predictor(run)
+        predictor = Predictor.open(run)
         probs, _ = predictor.predict_paths([p for p, _ in holdout])
         cls = {c: i for i, c in enumerate(predictor.output_classes)}
         test = score(probs, np.array([cls[c] for _, c in holdout]))

@@ -35,7 +35,7 @@ def test_cli_end_to_end(synth_data, tmp_path, capsys):
 
     from carclf.infer.predictor import Predictor
 
-    predictor = Predictor(tmp_path / "t")
+    predictor = Predictor.open(tmp_path / "t")
     photo = sorted((synth_data / "test").iterdir())[0]
     big = tmp_path / "big.jpg"  # large enough for draft-mode decoding from disk
     with Image.open(photo) as img:

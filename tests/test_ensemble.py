@@ -342,10 +342,10 @@ def test_missing_runs_and_changed_weights_are_named(fake_runs):
     best = fake_runs[victim["name"]] / "fold1" / "best.pt"
     best.write_bytes(b"retrained")
     with pytest.raises(CarclfError, match=r"fold1/best\.pt' has changed since the ensemble was made"):
-        Predictor(out, device="cpu")
+        Predictor.open(out, device="cpu")
     shutil.move(fake_runs[victim["name"]], fake_runs["tmp"] / "elsewhere")
     with pytest.raises(CarclfError, match=f"member {victim['name']}'s run is missing"):
-        Predictor(out, device="cpu")
+        Predictor.open(out, device="cpu")
 
 
 # --------------------------------------------------------------------------------------------- end to end (slow)
@@ -412,7 +412,7 @@ def test_predictor_gives_what_the_ensemble_step_measured(synth_data, two_runs):
     _, prob, al, _ = load_problem(specs, log=lambda s: None)
     recipe = F.Recipe(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in doc["recipe"].items()})
     expected = F.apply(F.fit(recipe, prob, np.arange(len(prob))), prob, np.arange(len(prob)))
-    predictor = Predictor(ens, device="cpu")
+    predictor = Predictor.open(ens, device="cpu")
     assert len(predictor.engines) == sum(1 for m in doc["members"] if m["weight"] > 0)
     got, bad = predictor.predict_paths([synth_data / "train" / p for p in al.paths], num_workers=0)
     assert not bad

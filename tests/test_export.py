@@ -100,11 +100,10 @@ def test_export_writes_graphs_and_passes_parity(exported, run_dir):
 
 def test_rebuilt_predictor_needs_no_checkpoint(exported, run_dir, synth_data, tmp_path, monkeypatch):
     """The export folder alone (moved elsewhere, torch.load forbidden) gives PyTorch's probabilities."""
-    from carclf.infer.onnx_engine import load_exported_predictor
     from carclf.infer.predictor import Predictor
 
     photos = _test_photos(synth_data)
-    torch_pred = Predictor(run_dir, device="cpu")
+    torch_pred = Predictor.from_run(run_dir, device="cpu")
     ref, _ = torch_pred.predict(photos, num_workers=0)
     moved = tmp_path / "moved"
     shutil.copytree(exported, moved)
@@ -113,7 +112,7 @@ def test_rebuilt_predictor_needs_no_checkpoint(exported, run_dir, synth_data, tm
         raise AssertionError("the export must not read a torch checkpoint")
 
     monkeypatch.setattr(torch, "load", no_checkpoints)
-    onnx_pred = load_exported_predictor(moved)
+    onnx_pred = Predictor.from_export(moved)
     assert all(e.engine == "onnx" for e in onnx_pred.engines)
     got, bad = onnx_pred.predict(photos, num_workers=0)
     assert bad == []
@@ -130,7 +129,7 @@ def test_swap_engines_keeps_the_predictor(exported, run_dir, synth_data):
     from carclf.infer.predictor import Predictor
 
     photos = _test_photos(synth_data)[:4]
-    predictor = Predictor(run_dir, device="cpu")
+    predictor = Predictor.from_run(run_dir, device="cpu")
     ref, _ = predictor.predict(photos, num_workers=0)
     swap_engines(predictor, exported)
     assert [e.engine for e in predictor.engines] == ["onnx", "onnx"]
@@ -179,7 +178,7 @@ def test_predict_engine_onnx_gives_the_same_submission(exported, run_dir, synth_
 def test_int8_graphs_are_quantised_and_scored(exported, synth_data):
     import onnx
 
-    from carclf.infer.onnx_engine import load_exported_predictor
+    from carclf.infer.predictor import Predictor
 
     doc = _doc(exported)
     assert doc["int8"]["mode"] == "static"
@@ -190,8 +189,8 @@ def test_int8_graphs_are_quantised_and_scored(exported, synth_data):
         assert {"QuantizeLinear", "DequantizeLinear"} <= ops
         assert "training photos" in e["files"]["int8"]["calibration"]
     assert doc["int8"]["delta_log_loss"] == pytest.approx(doc["int8"]["log_loss_int8"] - doc["int8"]["log_loss_fp32"])
-    int8 = load_exported_predictor(exported, precision="int8")
-    fp32 = load_exported_predictor(exported)
+    int8 = Predictor.from_export(exported, precision="int8")
+    fp32 = Predictor.from_export(exported)
     photos = _test_photos(synth_data)[:6]
     p8, _ = int8.predict(photos, num_workers=0)
     p32, _ = fp32.predict(photos, num_workers=0)
@@ -200,7 +199,7 @@ def test_int8_graphs_are_quantised_and_scored(exported, synth_data):
 
 
 def test_changed_graph_is_refused(exported, tmp_path):
-    from carclf.infer.onnx_engine import load_exported_predictor
+    from carclf.infer.predictor import Predictor
 
     copy = tmp_path / "copy"
     shutil.copytree(exported, copy)
@@ -208,7 +207,7 @@ def test_changed_graph_is_refused(exported, tmp_path):
         fh.seek(-8, 2)
         fh.write(b"\x00" * 8)
     with pytest.raises(CarclfError, match=r"fold1\.onnx.*checksum"):
-        load_exported_predictor(copy)
+        Predictor.from_export(copy)
 
 
 def test_export_refuses_to_overwrite_what_it_did_not_write(exported, run_dir, tmp_path):
@@ -281,7 +280,6 @@ def ensemble_dir(run_dir, synth_data, tmp_path_factory) -> Path:
 
 def test_ensemble_export_gives_the_torch_ensembles_probabilities(ensemble_dir, synth_data, tmp_path):
     from carclf.export.exporter import export_model
-    from carclf.infer.onnx_engine import load_exported_predictor
     from carclf.infer.predictor import Predictor
 
     out = tmp_path / "export"
@@ -302,10 +300,10 @@ def test_ensemble_export_gives_the_torch_ensembles_probabilities(ensemble_dir, s
     assert (out / "calibration.npz").is_file()
 
     photos = _test_photos(synth_data)
-    ref, _ = Predictor(ensemble_dir, device="cpu").predict(photos, num_workers=0)
+    ref, _ = Predictor.from_ensemble(ensemble_dir, device="cpu").predict(photos, num_workers=0)
     moved = tmp_path / "moved elsewhere"
     shutil.copytree(out, moved)
-    onnx_pred = load_exported_predictor(moved)
+    onnx_pred = Predictor.from_export(moved)
     got, bad = onnx_pred.predict(photos, num_workers=0)
     assert bad == []
     assert np.abs(got - ref).max() < 1e-4
@@ -314,7 +312,7 @@ def test_ensemble_export_gives_the_torch_ensembles_probabilities(ensemble_dir, s
     # the calibration arrays are checked like the graphs
     np.savez(moved / "calibration.npz", a=np.ones(3), b=np.zeros(3))
     with pytest.raises(CarclfError, match=r"calibration\.npz.*checksum.*Export the ensemble again"):
-        load_exported_predictor(moved)
+        Predictor.from_export(moved)
     # --overwrite of an ensemble export clears its own files, calibration.npz included
     export_model(ensemble_dir, out, overwrite=True, log=lines.append)
     assert _doc(out)["parity"]["passed"]

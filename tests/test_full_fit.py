@@ -58,7 +58,7 @@ def test_full_fit_follows_the_folds_and_trains_on_every_usable_photo(synth_data,
     # predict.full=beside (default): the Predictor holds the folds and the full fit, with the folds' mean temperature
     from carclf.infer.predictor import Predictor
 
-    predictor = Predictor(run, device="cpu")
+    predictor = Predictor.open(run, device="cpu")
     assert predictor.folds == [0, 1, FULL]
     assert predictor.temperatures[-1] == pytest.approx(sum(temps) / 2)
     # resuming a finished run trains nothing again

@@ -102,7 +102,7 @@ def test_a_run_from_before_checksums_still_loads(run, tmp_path):
     summary = json.loads(path.read_text(encoding="utf-8"))
     del summary["best_sha256"]
     path.write_text(json.dumps(summary), encoding="utf-8")
-    assert Predictor(old, device="cpu").folds == [0]
+    assert Predictor.open(old, device="cpu").folds == [0]
 
 
 def test_an_ensemble_refuses_a_member_whose_best_pt_was_damaged_before_it_was_built(run, synth_data, tmp_path,
@@ -323,7 +323,7 @@ def test_an_edited_or_malformed_export_yaml_is_one_line_exit_2(exported, synth_d
 
 def test_an_export_loads_with_its_checksum_and_an_older_one_without(exported, synth_data, tmp_path):
     from carclf.artifacts.export import spec_checksum
-    from carclf.infer.onnx_engine import load_exported_predictor
+    from carclf.infer.predictor import load_exported_predictor
 
     doc = yaml.safe_load((exported / "export.yaml").read_text(encoding="utf-8"))
     assert doc["spec_sha256"] == spec_checksum(doc)

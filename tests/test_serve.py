@@ -47,7 +47,7 @@ def export_dir(synth_data, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def predictor(export_dir):
-    from carclf.infer.onnx_engine import load_exported_predictor
+    from carclf.infer.predictor import load_exported_predictor
 
     return load_exported_predictor(export_dir)
 

@@ -51,8 +51,11 @@ def _calibrate(args: argparse.Namespace) -> None:
 def _predict(args: argparse.Namespace) -> None:
     from carclf.infer.predict import predict_run
 
+    export_run = None
+    if args.engine == "onnx":  # a run or an ensemble on ONNX Runtime: exported to a temporary folder first
+        from carclf.export.exporter import onnx_predictor as export_run
     path, _ = predict_run(args.run, args.data, args.output, overwrite=args.overwrite, device=args.device,
-                          engine=args.engine)
+                          engine=args.engine, export_run=export_run)
     print(f"wrote {path}")
 
 

@@ -62,7 +62,7 @@ def compute_features(run_dir: Path, oof: OofSet, data_root: Path, cache: Path, d
     from carclf.infer.predictor import Predictor
     from carclf.models.forward import infer_view_logits
 
-    pred = Predictor(run_dir, device=device, folds=sorted(set(oof.folds.tolist())))
+    pred = Predictor.from_run(run_dir, device=device, folds=sorted(set(oof.folds.tolist())))
     cfg = pred.cfg
     disk = DataDisk(data_root)
     out: np.ndarray | None = None

@@ -8,7 +8,8 @@ preprocessing (timm data config per engine), class names and merges, temperature
 checksum, the parity figure and (with ``--int8``) the int8 graphs' change in OOF log loss and accuracy. An ensemble's
 post-processing (member weights, space, member merges, final calibration, clipping) is plain data in export.yaml
 (vector / matrix calibration arrays in ``calibration.npz``, checksummed), applied by the same numpy code.
-:func:`carclf.infer.onnx_engine.load_exported_predictor` rebuilds the Predictor from that directory alone.
+:meth:`carclf.infer.predictor.Predictor.from_export` rebuilds the Predictor from that directory alone, and
+:func:`onnx_predictor` is "this run on ONNX Runtime" through an export in a temporary folder.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -30,16 +32,13 @@ from torch import nn
 
 from carclf.artifacts.ensemble import save_calibration
 from carclf.artifacts.export import EXPORT_FILE, EXPORT_FOLDER, EXPORT_FORMAT, EXPORT_MARKER, SPEC_KEY, spec_checksum
-from carclf.artifacts.run import FULL, RunDir
+from carclf.artifacts.resolve import EXPORT, kind_of
+from carclf.artifacts.run import FULL
 from carclf.errors import CarclfError
 from carclf.export.photos import FoldPhotos, oof_photos, synthetic_photos, training_photos
 from carclf.export.quantize import INT8_MODES, quantize_engine
-from carclf.infer.onnx_engine import (
-    PARITY_TOLERANCE,
-    OnnxFold,
-    dcfg_to_yaml,
-    load_exported_predictor,
-)
+from carclf.infer.onnx_engine import PARITY_TOLERANCE, OnnxFold, dcfg_to_yaml
+from carclf.infer.predictor import Predictor
 from carclf.io import atomic_write, atomic_write_text, file_sha256
 from carclf.metrics import score, softmax
 from carclf.models.forward import apply_view
@@ -144,13 +143,6 @@ def _engine_names(predictor) -> list[str]:
     return names
 
 
-def _engine_runs(predictor) -> list[RunDir | None]:
-    """The run directory each engine was trained in (its OOF and training photos): the run, or the member's run."""
-    if predictor.postprocess:
-        return [predictor.member_runs[m] for m in predictor.engine_members]
-    return [getattr(predictor, "run", None)] * len(predictor.engines)
-
-
 def _prepare_out(out: Path, overwrite: bool, source: Path) -> None:
     src, dst = source.resolve(), out.resolve()
     if dst == src or src in dst.parents:
@@ -160,8 +152,8 @@ def _prepare_out(out: Path, overwrite: bool, source: Path) -> None:
 
 
 def _ensemble_state(predictor, out: Path) -> dict[str, Any]:
-    """An ensemble Predictor's numpy post-processing as export.yaml data (``load_exported_predictor`` sets these
-    attributes back); vector / matrix calibration arrays go to ``calibration.npz`` with their checksum."""
+    """An ensemble Predictor's numpy post-processing as export.yaml data (``Predictor.from_export`` reads it back);
+    vector / matrix calibration arrays go to ``calibration.npz`` with their checksum."""
     post = dict(predictor.postprocess)
     post["calibration"] = save_calibration(out, post["calibration"])
     return {"postprocess": post, "engine_members": list(predictor.engine_members),
@@ -192,7 +184,7 @@ def _write_doc(out: Path, doc: dict[str, Any]) -> None:
 def _parity(predictor, out: Path, sources: list, kind: str, log: Callable[[str], None]) -> dict[str, Any]:
     """Max |p_onnx - p_torch| of calibrated probabilities over ``sources``, through both Predictors' ``predict``;
     and per engine, the max logit difference."""
-    onnx_pred = load_exported_predictor(out)
+    onnx_pred = Predictor.from_export(out)
     p_torch, bad_t = predictor.predict(sources, num_workers=0, fill_bad=False)
     p_onnx, bad_o = onnx_pred.predict(sources, num_workers=0, fill_bad=False)
     if bad_t != bad_o:
@@ -205,8 +197,7 @@ def _parity(predictor, out: Path, sources: list, kind: str, log: Callable[[str],
     logit_diffs = []
     for t_engine, o_engine in zip(predictor.engines, onnx_pred.engines, strict=True):
         x, m = next(_batches(sources, t_engine.dcfg, predictor.cfg, len(sources)))
-        logit_diffs.append(float(np.abs(t_engine.logits(torch.from_numpy(x[m]))
-                                        - o_engine.logits(x[m])).max()))
+        logit_diffs.append(float(np.abs(t_engine.logits(x[m]) - o_engine.logits(x[m])).max()))
     passed = diff < PARITY_TOLERANCE
     log(f"parity on {int(ok.sum())} {kind} photo(s): max |p_onnx - p_torch| = {diff:.2e} "
         f"({'below' if passed else 'ABOVE'} {PARITY_TOLERANCE:g}); max logit difference per engine: "
@@ -223,13 +214,13 @@ def _oof_logits(engine, photos: list[Path], cfg, batch_size: int) -> tuple[np.nd
     return np.concatenate(out), np.concatenate(oks)
 
 
-def _int8(predictor, runs: list[RunDir | None], out: Path, doc: dict[str, Any], mode: str, calib_photos: int,
-          eval_photos: int, data_found: bool, log: Callable[[str], None]) -> dict[str, Any]:
+def _int8(predictor: Predictor, out: Path, doc: dict[str, Any], mode: str, calib_photos: int, eval_photos: int,
+          data_found: bool, log: Callable[[str], None]) -> dict[str, Any]:
     """Quantise every engine; score fp32 and int8 on the fold's OOF photos (calibrated by its temperature)."""
     cfg = predictor.cfg
     bs = cfg.predict.batch_size
     rows, all32, all8, all_labels = [], [], [], []
-    for entry, t_engine, temp, run in zip(doc["engines"], predictor.engines, predictor.temperatures, runs,
+    for entry, t_engine, temp, run in zip(doc["engines"], predictor.engines, predictor.temperatures, predictor.runs,
                                           strict=True):
         fold = entry["fold"]
         fp32_path = out / entry["files"]["fp32"]["file"]
@@ -287,27 +278,9 @@ def _int8(predictor, runs: list[RunDir | None], out: Path, doc: dict[str, Any], 
     return result
 
 
-def export_model(
-    source: Path | str, out: Path | str, int8: str | None = None, overwrite: bool = False, parity_photos: int = 8,
-    calib_photos: int = 64, eval_photos: int = 256, log: Callable[[str], None] = print,
-) -> Path:
-    """Export a run's (or an ensemble's) fold engines to ``out``; returns the path of ``export.yaml``.
-
-    ``int8``: ``static`` or ``dynamic`` also writes an int8 graph per engine and measures its change in OOF log
-    loss and accuracy on up to ``eval_photos`` OOF photos per fold. ``parity_photos`` OOF photos (synthetic ones
-    when the run's data is gone) check that the export's calibrated probabilities match PyTorch's."""
-    from carclf.infer.predictor import Predictor
-
-    if int8 is not None and int8 not in INT8_MODES:
-        raise CarclfError(f"--int8 {int8!r}: use static or dynamic")
-    source, out = Path(source), Path(out)
-    predictor = Predictor(source, device="cpu")
-    runs = _engine_runs(predictor)
-    _prepare_out(out, overwrite, source)
-    atomic_write_text(out / EXPORT_MARKER, json.dumps({"kind": "export", "source": str(source.resolve()),
-                                                       "created": datetime.now(UTC).isoformat(timespec="seconds")}))
-    from carclf.runtime import versions
-
+def _export_engines(predictor: Predictor, out: Path, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """One graph per engine (traced, or a traced graph of the same structure with this engine's weights); their
+    export.yaml entries."""
     engines, templates = [], {}
     for i, (name, fold, engine, temp, size) in enumerate(zip(_engine_names(predictor), predictor.folds,
                                                              predictor.engines, predictor.temperatures,
@@ -338,10 +311,17 @@ def export_model(
         })
         if predictor.postprocess:
             engines[-1]["member"] = predictor.postprocess["members"][predictor.engine_members[i]]["name"]
+    return engines
+
+
+def _export_doc(predictor: Predictor, source: Path, engines: list[dict[str, Any]]) -> dict[str, Any]:
+    """export.yaml's content, without the parity and int8 figures (measured once the graphs are written)."""
     import onnx
     import onnxruntime
 
-    doc: dict[str, Any] = {
+    from carclf.runtime import versions
+
+    return {
         "format": EXPORT_FORMAT,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "source": {"kind": "ensemble" if predictor.postprocess else "run", "path": str(source.resolve())},
@@ -356,33 +336,66 @@ def export_model(
         "versions": {**versions(), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
         "config": predictor.cfg.to_dict(),
     }
-    if predictor.postprocess:
-        doc["predictor"] = _ensemble_state(predictor, out)
-    _write_doc(out, doc)
 
-    # Parity on real photos: a few out-of-fold photos of every engine's fold, when the data is still there.
+
+def _parity_sources(predictor: Predictor, parity_photos: int, log: Callable[[str], None]) -> tuple[list, str]:
+    """A few out-of-fold photos of every engine's fold when the data is still there (``"out-of-fold"``), else
+    synthetic photos (``"synthetic"``)."""
     sources: list = []
     folds_per_run = {}  # ensemble members often validated the same photos: one entry per distinct (data, fold)
-    for r, k in zip(runs, predictor.folds, strict=True):
+    for r, k in zip(predictor.runs, predictor.folds, strict=True):
         if r is not None and k != FULL:
             folds_per_run.setdefault((str(r.read_config().data.root), k), (r, k))
     per = max(1, -(-parity_photos // max(1, len(folds_per_run))))
     for r, k in folds_per_run.values():
         with contextlib.suppress(OSError, KeyError, ValueError, CarclfError):  # then synthetic photos
             sources += [p for p in oof_photos(r, k, per).paths if p not in sources]
-    data_found = bool(sources)
-    kind = "out-of-fold"
-    if not sources:
-        kind = "synthetic"
-        log(f"parity: the run's photos are not on disk (data.root={predictor.cfg.data.root}); checking on synthetic "
-            "photos instead")
-        sources = synthetic_photos(parity_photos)
+    if sources:
+        return sources, "out-of-fold"
+    log(f"parity: the run's photos are not on disk (data.root={predictor.cfg.data.root}); checking on synthetic "
+        "photos instead")
+    return synthetic_photos(parity_photos), "synthetic"
+
+
+def export_model(
+    source: Path | str, out: Path | str, int8: str | None = None, overwrite: bool = False, parity_photos: int = 8,
+    calib_photos: int = 64, eval_photos: int = 256, log: Callable[[str], None] = print,
+) -> Path:
+    """Export a run's (or an ensemble's) fold engines to ``out``; returns the path of ``export.yaml``.
+
+    ``int8``: ``static`` or ``dynamic`` also writes an int8 graph per engine and measures its change in OOF log
+    loss and accuracy on up to ``eval_photos`` OOF photos per fold. ``parity_photos`` OOF photos (synthetic ones
+    when the run's data is gone) check that the export's calibrated probabilities match PyTorch's."""
+    if int8 is not None and int8 not in INT8_MODES:
+        raise CarclfError(f"--int8 {int8!r}: use static or dynamic")
+    source, out = Path(source), Path(out)
+    if kind_of(source) == EXPORT:  # its engines are ONNX graphs already: no torch model to trace
+        raise CarclfError(f"'{source}' is an export folder already: export the run or ensemble it was made from")
+    predictor = Predictor.open(source, device="cpu")
+    _prepare_out(out, overwrite, source)
+    atomic_write_text(out / EXPORT_MARKER, json.dumps({"kind": "export", "source": str(source.resolve()),
+                                                       "created": datetime.now(UTC).isoformat(timespec="seconds")}))
+    doc = _export_doc(predictor, source, _export_engines(predictor, out, log))
+    if predictor.postprocess:
+        doc["predictor"] = _ensemble_state(predictor, out)
+    _write_doc(out, doc)
+    sources, kind = _parity_sources(predictor, parity_photos, log)
     doc["parity"] = _parity(predictor, out, sources[:parity_photos], kind, log)
     _write_doc(out, doc)
     if not doc["parity"]["passed"]:
         raise CarclfError(f"parity check failed: max |p_onnx - p_torch| = {doc['parity']['max_abs_diff']:.2e} >= "
                           f"{PARITY_TOLERANCE:g}; '{out}' is marked as failed and will not load")
     if int8:
-        doc["int8"] = _int8(predictor, runs, out, doc, int8, calib_photos, eval_photos, data_found, log)
+        doc["int8"] = _int8(predictor, out, doc, int8, calib_photos, eval_photos, kind == "out-of-fold", log)
         _write_doc(out, doc)
     return out / EXPORT_FILE
+
+
+def onnx_predictor(source: Path | str, threads: int | None = None, log: Callable[[str], None] = print) -> Predictor:
+    """A run or an ensemble on ONNX Runtime: exported (parity-checked) to a temporary folder and loaded from there
+    (``predict --engine onnx`` on a run; ``carclf export`` keeps the folder for reuse)."""
+    with tempfile.TemporaryDirectory(prefix="carclf-onnx-") as tmp:
+        log(f"exporting '{source}' to ONNX in a temporary folder (carclf export keeps one for reuse)")
+        export_model(source, tmp, log=log)
+        # ONNX Runtime reads each graph when its session is made: the folder can go afterwards.
+        return Predictor.from_export(tmp, "fp32", threads)

@@ -1,5 +1,6 @@
-"""ONNX Runtime engines for the :class:`~carclf.infer.predictor.Predictor`, and the Predictor rebuilt from an export
-directory alone (``carclf export`` writes it; no torch checkpoint is read).
+"""ONNX Runtime engines for the :class:`~carclf.infer.predictor.Predictor` (an :class:`~carclf.infer.predictor.Engine`
+each), read from an export folder (``carclf export`` writes it; no torch checkpoint is read):
+:meth:`Predictor.from_export <carclf.infer.predictor.Predictor.from_export>` builds the Predictor around them.
 
 An exported engine is one graph per fold: uint8 NCHW pixels (the eval transform's output) -> normalisation -> every
 TTA view -> the fold's network -> logits averaged over the views, exactly what :class:`TorchFold` computes. Decoding
@@ -10,13 +11,12 @@ code, so PyTorch and ONNX Runtime give the same probabilities (to the parity fig
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from carclf.artifacts.export import EXPORT_FILE, engine_classes, export_yaml, is_export_dir, read_export
+from carclf.artifacts.export import EXPORT_FILE, engine_classes, read_export
 from carclf.errors import CarclfError
 from carclf.io import file_sha256
 
@@ -60,7 +60,8 @@ def session_options(threads: int | None = None):
 
 
 class OnnxFold:
-    """One exported fold engine in ONNX Runtime, with :class:`~carclf.infer.predictor.TorchFold`'s interface:
+    """One exported fold engine in ONNX Runtime, an :class:`~carclf.infer.predictor.Engine` as
+    :class:`~carclf.infer.predictor.TorchFold` is:
     :meth:`logits` of a uint8 NCHW batch -> float64 (batch, classes), averaged over ``views`` inside the graph."""
 
     engine = "onnx"
@@ -107,12 +108,6 @@ class OnnxFold:
         return f"OnnxFold('{self.path.name}', {self.precision}, views={','.join(self.views)})"
 
 
-def model_version(export_dir: Path | str) -> str:
-    """A short, stable identifier of the exported model: the first 12 hex digits of export.yaml's SHA-256 (it holds
-    every graph's checksum, the temperatures and the preprocessing)."""
-    return file_sha256(export_yaml(export_dir))[:12]
-
-
 def dcfg_from_yaml(d: dict[str, Any]) -> dict[str, Any]:
     """A timm data config as stored in export.yaml (lists) -> the tuples timm uses."""
     out = dict(d)
@@ -157,7 +152,7 @@ def swap_engines(predictor, export_dir: Path | str, precision: str = "fp32", thr
     doc = read_export(export_dir)
     entries = doc["engines"]
     if doc["classes"] != list(predictor.classes):
-        raise CarclfError(f"'{export_dir}' was exported from a model with other classes than '{predictor.run_dir}'")
+        raise CarclfError(f"'{export_dir}' was exported from a model with other classes than '{predictor.source}'")
     if len(entries) != len(predictor.engines):
         raise CarclfError(f"'{export_dir}' holds {len(entries)} engines, the predictor {len(predictor.engines)}: "
                           "export this run again")
@@ -170,93 +165,7 @@ def swap_engines(predictor, export_dir: Path | str, precision: str = "fp32", thr
     return predictor
 
 
-# ------------------------------------------------------------------------------------------------- the predictor
-def _predictor_class():
-    from carclf.infer.predictor import Predictor
-
-    return Predictor
-
-
-def load_exported_predictor(export_dir: Path | str, precision: str = "fp32", threads: int | None = None):
-    """A Predictor rebuilt from ``export_dir`` alone: its preprocessing, classes, temperatures and post-processing
-    from export.yaml, ONNX Runtime sessions as its engines. Same methods (``predict``, ``predict_paths``,
-    ``predict_images``) and the same numpy code after the engines as the torch Predictor."""
-    import torch
-
-    from carclf.config import config_from_dict
-    from carclf.data.merges import MergeMap
-
-    export_dir = Path(export_dir)
-    doc = read_export(export_dir)
-    parity = doc.get("parity") or {}
-    if parity.get("passed") is False:
-        raise CarclfError(f"'{export_dir}' failed its parity check at export (max |dp| = {parity.get('max_abs_diff')}"
-                          f" > {parity.get('tolerance')}): it is not to be trusted; export it again")
-    Predictor = _predictor_class()
-    p = Predictor.__new__(Predictor)  # every attribute set below: no run directory, no checkpoint
-    p.export_dir = export_dir
-    p.run = None
-    p.run_dir = Path(doc["source"]["path"]) if doc.get("source") else export_dir
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        p.cfg = config_from_dict(doc["config"], str(export_yaml(export_dir)))
-    p.classes = list(doc["classes"])
-    p.merge = MergeMap.from_dict(doc["merge"])
-    p.output_classes = p.merge.original
-    p.device = torch.device("cpu")
-    entries = doc["engines"]
-    p.folds = [e.get("fold") for e in entries]
-    p.incomplete = []
-    p.temperatures = [float(e["temperature"]) for e in entries]
-    p.eval_sizes = [int(e["eval_size"]) for e in entries]
-    p.data_configs = {}
-    for e in entries:
-        p.data_configs.setdefault(int(e["eval_size"]), dcfg_from_yaml(e["data_config"]))
-    p.amp = None
-    p.views = list(entries[0]["views"])
-    for key, value in (doc.get("predictor") or {}).items():  # further post-processing state (ensembles)
-        setattr(p, key, value)
-    if p.postprocess:  # an ensemble: its vector / matrix calibration arrays live beside export.yaml
-        from carclf.artifacts.ensemble import load_calibration
-
-        p.postprocess["calibration"] = load_calibration(export_dir, p.postprocess["calibration"],
-                                                        "Export the ensemble again.", EXPORT_FILE)
-    p.engines = load_engines(export_dir, doc, precision, threads)
-    p.precision = precision
-    p.version = model_version(export_dir)
-    return p
-
-
-
-
-def open_predictor(source: Path | str, engine: str = "torch", device: str = "auto", precision: str = "fp32",
-                   threads: int | None = None, log=print):
-    """The Predictor for ``source`` on ``engine``: an export directory runs on ONNX Runtime; a run on PyTorch, or
-    with ``engine="onnx"`` on ONNX Runtime through a fresh export in a temporary folder (parity-checked)."""
-    import tempfile
-
-    if engine not in ("torch", "onnx"):
-        raise CarclfError(f"unknown engine {engine!r}: use torch or onnx")
-    if is_export_dir(source):
-        if engine == "torch":
-            raise CarclfError(f"'{source}' is an ONNX export: it runs on ONNX Runtime (--engine onnx), or give the "
-                              "run directory for PyTorch")
-        return load_exported_predictor(source, precision, threads)
-    if engine == "torch":
-        return _predictor_class()(source, device=device)
-    if precision != "fp32":
-        raise CarclfError(f"{precision} needs an export made with --int8: run carclf export first")
-    from carclf.export.exporter import export_model
-
-    with tempfile.TemporaryDirectory(prefix="carclf-onnx-") as tmp:
-        log(f"exporting '{source}' to ONNX in a temporary folder (carclf export keeps one for reuse)")
-        export_model(source, tmp, log=log)
-        # ONNX Runtime reads each graph when its session is made: the folder can go afterwards.
-        return load_exported_predictor(tmp, precision, threads)
-
-
 __all__ = [
-    "OnnxFold", "PARITY_TOLERANCE", "load_engines",
-    "load_exported_predictor", "model_version", "open_predictor", "physical_cores", "session_options",
-    "swap_engines",
+    "OnnxFold", "PARITY_TOLERANCE", "PRECISIONS", "dcfg_from_yaml", "dcfg_to_yaml", "engine_file", "load_engines",
+    "physical_cores", "session_options", "swap_engines",
 ]

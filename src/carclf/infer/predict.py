@@ -14,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from carclf.artifacts.export import is_export_dir
+from carclf.artifacts.resolve import EXPORT, kind_of
 from carclf.data.scan import TestSet, read_sample_columns, scan_test
 from carclf.errors import CarclfError
-from carclf.infer.onnx_engine import open_predictor
-from carclf.infer.predictor import Predictor
+from carclf.infer.predictor import ExportRun, Predictor, open_predictor
 from carclf.infer.submission import align_columns, check_output, read_sample_ids, write_submission
 
 SHOWN = 5  # IDs named in a warning
@@ -77,9 +76,12 @@ def _listed(ids: list[str]) -> str:
 
 def predict_run(
     run_dir: Path | str, data_root: Path | str, out: Path | str, overwrite: bool = False, device: str = "auto",
-    log: Callable[[str], None] = print, engine: str = "torch",
+    log: Callable[[str], None] = print, engine: str = "torch", export_run: ExportRun | None = None,
 ) -> tuple[Path, list[str]]:
-    """Write the submission; return its path and the test photos that could not be decoded (filled with the prior)."""
+    """Write the submission; return its path and the test photos that could not be decoded (filled with the prior).
+
+    ``engine="onnx"``: an export folder as it is; a run or an ensemble through ``export_run`` (the export step's
+    :func:`~carclf.export.exporter.onnx_predictor`, which the CLI hands down)."""
     data_root = Path(data_root)
     out = check_output(out, overwrite)  # fail before the slow part
     test = scan_test(data_root)
@@ -103,10 +105,9 @@ def predict_run(
     if rows.dropped:
         log(f"warning: {len(rows.dropped)} test.csv ID(s) are not in {sample.name} and are left out of the "
             f"submission (it has the sample's {len(rows.ids)} rows): {_listed(rows.dropped)}")
-    if engine == "torch" and not is_export_dir(run_dir):
-        predictor = Predictor(run_dir, device=device)
-    else:  # ONNX Runtime: an export directory, or the run exported on the fly
-        predictor = open_predictor(run_dir, engine="onnx", device=device, log=log)
+    # ONNX Runtime: an export folder (whatever --engine says), or the run exported on the fly by export_run
+    engine = "onnx" if kind_of(run_dir) == EXPORT else engine
+    predictor: Predictor = open_predictor(run_dir, engine=engine, device=device, export_run=export_run, log=log)
     photos = [p for p in rows.paths if p is not None]
     log(f"predicting {len(photos)} photos with {predictor.describe()}")  # a run's folds or an ensemble's members
     if predictor.incomplete:

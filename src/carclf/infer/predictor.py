@@ -1,42 +1,64 @@
 """``Predictor``: the one way to turn images into calibrated probabilities. ``predict``, ``evaluate``, the demo,
 serving and export all go through it, so training-time and serving-time preprocessing cannot drift apart.
 
-It loads a run (every completed fold) or an ensemble folder (``ensemble.yaml``: several runs or folds, each with
-its own backbone, input size and TTA). Either way it holds a flat list of per-fold *engines* (``.logits(uint8
-batch) -> float64 logits`` averaged over the engine's TTA views, ``.dcfg``, ``.views``); everything after the
-engines' logits (temperatures, member weights, probability or logit space, final calibration, merged classes) is
-numpy here, so an ONNX Runtime engine with the same interface in place of a :class:`TorchFold` gives the same
-predictions.
+A Predictor is built from plain parts (its constructor): a flat list of per-fold *engines* (:class:`Engine`: a uint8
+batch -> float64 logits averaged over the engine's TTA views), a temperature per engine, the model's classes and
+merge map, the run's config, and for an ensemble its post-processing head (member weights, probability or logit
+space, final calibration, member merges: plain data an export stores). Everything after the engines' logits is
+numpy here, so ONNX Runtime engines in place of :class:`TorchFold` give the same predictions.
+
+Where the parts come from: :meth:`Predictor.from_run` (every completed fold of a run), :meth:`Predictor.from_ensemble`
+(``ensemble.yaml``), :meth:`Predictor.from_export` (``export.yaml`` and its ONNX graphs alone); :meth:`Predictor.open`
+picks one by what the path is (:func:`carclf.artifacts.resolve.kind_of`).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import hashlib
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
+from carclf.artifacts.resolve import ENSEMBLE, EXPORT, RUN, kind_of
 from carclf.artifacts.run import FULL, RunDir
+from carclf.config import Config
 from carclf.data.dataset import ImageDataset, eval_batches, make_loader
 from carclf.data.imageio import ImageSource
 from carclf.data.merges import MergeMap, identity
 from carclf.data.transforms import batch_normalize, data_config_for, eval_transform
 from carclf.errors import CarclfError
+from carclf.io import file_sha256
 from carclf.metrics import calibrate, combine, softmax
 from carclf.models.factory import load_fold_model
 from carclf.models.forward import batch_logits
 from carclf.runtime import amp_dtype, select_device
 from carclf.tta import policy_views
 
+ENGINES = ("torch", "onnx")
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the Predictor needs of one fold's model (:class:`TorchFold`, :class:`~carclf.infer.onnx_engine.OnnxFold`):
+    everything before (decoding, the eval transform) and after (temperature, averaging, calibration) is its own."""
+
+    engine: str  # "torch" or "onnx": what the answers say the model ran on
+    dcfg: dict[str, Any]  # timm data config: input size, crop and interpolation of the eval transform; normalisation
+    views: list[str]  # the TTA views the logits are averaged over (carclf.tta)
+
+    def logits(self, x: Any) -> np.ndarray:
+        """Float64 (batch, classes) logits of a uint8 NCHW batch (a torch tensor or a numpy array)."""
+        ...
+
 
 class TorchFold:
-    """One fold's PyTorch model as an engine: a uint8 batch -> logits averaged over the TTA views.
-
-    The Predictor only talks to engines through :meth:`logits`, so another runtime (ONNX Runtime) or another
-    member of an ensemble plugs in beside it with the same preprocessing."""
+    """One fold's PyTorch model as an :class:`Engine`: a uint8 batch -> logits averaged over the TTA views."""
 
     engine = "torch"
 
@@ -47,9 +69,9 @@ class TorchFold:
         self.normalize = batch_normalize(dcfg)
 
     @torch.inference_mode()
-    def logits(self, x: torch.Tensor) -> np.ndarray:
-        """Float64 logits (batch, classes) of a uint8 NCHW batch."""
-        return batch_logits(self.model, x, self.device, self.normalize, self.views, self.amp,
+    def logits(self, x: Any) -> np.ndarray:
+        """Float64 logits (batch, classes) of a uint8 NCHW batch (a torch tensor or a numpy array)."""
+        return batch_logits(self.model, torch.as_tensor(x), self.device, self.normalize, self.views, self.amp,
                             self.channels_last).double().cpu().numpy()
 
 
@@ -70,138 +92,202 @@ def postprocess(member_probs: Sequence[np.ndarray | None], head: dict[str, Any])
     return calibrate(combine(expanded, weights, head["space"]), head.get("calibration"))
 
 
+# ------------------------------------------------------------------------------------------------- the version
+def spec_version(spec_file: Path) -> str:
+    """The version of a model described by one spec file (``export.yaml``, ``ensemble.yaml``): the first 12 hex
+    digits of its SHA-256. The spec pins every weight file by its checksum, the temperatures, the preprocessing and
+    the post-processing, so any change to what predicts changes it."""
+    return file_sha256(spec_file)[:12]
+
+
+def run_version(weights_sha256: Sequence[str], folds: Sequence[int], temperatures: Sequence[float],
+                eval_sizes: Sequence[int], views: Sequence[str], output_classes: Sequence[str]) -> str:
+    """The version of a run's Predictor (a run has no one spec file): a hash of what such a file would pin, each
+    fold's weights, temperature and input size, the TTA views and the output classes (the value serve computed)."""
+    h = hashlib.sha256()
+    for sha, k, t, s in zip(weights_sha256, folds, temperatures, eval_sizes, strict=True):
+        h.update(sha.encode())
+        h.update(f"{k}:{t!r}:{s}".encode())
+    h.update(",".join(views).encode())
+    h.update("\n".join(output_classes).encode())
+    return h.hexdigest()[:12]
+
+
+# ------------------------------------------------------------------------------------------------- the predictor
+@dataclass(eq=False)
 class Predictor:
-    """Every completed fold of a run (or every fold of an ensemble's members), its temperature and its eval
-    preprocessing.
+    """Engines, their temperatures and the numpy code after them.
 
     A run: per fold, logits (averaged over the TTA views of ``predict.tta``) / T -> softmax; the folds'
     probabilities are averaged, then shared out over the submission's columns (merged and dropped classes).
 
     An ensemble: the same per member (its folds, its chosen TTA and its member temperature), then each member's
     probabilities are shared out over the submission's columns by its own merge map, combined with the member
-    weights in probability or logit space, and calibrated (temperature, vector or matrix); ``eps`` clips the
-    submission. That numpy state lives in :attr:`postprocess` (plain data: an export can store it) and
-    :attr:`engine_members` (the member of each engine).
-
-    Attributes every caller may use: ``engines`` (flat, one per fold), ``temperatures``, ``eval_sizes``, ``folds``
-    (per engine), ``views``, ``output_classes`` (the columns of ``predict``), ``classes`` and ``merge`` (a run: the
-    model's classes and its merge map; an ensemble: the submission's classes and the identity), ``cfg`` (a run's
-    config; an ensemble's first member's, with ``predict.eps`` set to the ensemble's), ``eps``.
+    weights in probability or logit space, and calibrated (temperature, vector or matrix): the head in
+    :attr:`postprocess` (``engine_members``: the member of each engine; ``members``: name, merge, weight, decoding;
+    ``space``, ``calibration``, ``eps``).
     """
 
-    postprocess: dict[str, Any] | None = None  # None: a run (one member, plain average); see _load_ensemble
-    ensemble: dict[str, Any] | None = None  # an ensemble's ensemble.yaml
+    engines: list[Engine]  # one per fold (an ensemble: per fold of every member with a weight above 0)
+    temperatures: list[float]  # per engine: its logits are divided by this before the softmax
+    folds: list[int]  # per engine: its fold (FULL: the full-data fit)
+    eval_sizes: list[int]  # per engine: the input height its validation chose
+    classes: list[str]  # the engines' outputs (an ensemble: the submission's classes)
+    merge: MergeMap  # classes -> output_classes (an ensemble: the identity; its members' merges are in the head)
+    cfg: Config  # batch size, loader workers, decoding (data.draft_factor, data.max_pixels), predict.eps
+    version: str  # the model's version: spec_version (export, ensemble) or run_version (run)
+    postprocess: dict[str, Any] | None = None  # an ensemble's head (see the class docstring); None: a run
+    kind: str = RUN  # what was opened: run, ensemble or export
+    source: Path | None = None  # the folder opened
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    precision: str = "fp32"  # the graphs of an export (fp32 or int8)
+    runs: list[RunDir | None] = field(default_factory=list)  # per engine, the run that trained it (None: unknown)
+    incomplete: list[int] = field(default_factory=list)  # a run's unfinished folds (not predicting)
 
-    def __init__(self, run_dir: Path | str, device: str = "auto", folds: list[int] | None = None) -> None:
-        from carclf.artifacts.ensemble import is_ensemble_dir
+    def __post_init__(self) -> None:
+        n = len(self.engines)
+        if not n or {len(self.temperatures), len(self.folds), len(self.eval_sizes)} != {n}:
+            raise ValueError(f"a Predictor needs one temperature, fold and eval size per engine ({n} engines)")
+        if self.postprocess and len(self.postprocess["engine_members"]) != n:
+            raise ValueError("the post-processing head names the member of every engine")
+        self.runs = list(self.runs) or [None] * n
+        self.source = Path(self.source) if self.source is not None else None
 
-        self.device = select_device(device)
-        if is_ensemble_dir(run_dir):
-            if folds is not None:
-                raise CarclfError(f"'{run_dir}' is an ensemble: its members' folds are fixed in ensemble.yaml "
-                                  "(folds= selects folds of a run)")
-            self._load_ensemble(Path(run_dir))
-        else:
-            self._load_run(run_dir, folds)
+    # ----------------------------------------------------------------------------------------------- building
+    @classmethod
+    def open(cls, path: Path | str, device: str = "auto", folds: list[int] | None = None, precision: str = "fp32",
+             threads: int | None = None) -> Predictor:
+        """The Predictor of a run directory, an ensemble folder or an export folder, whichever ``path`` is."""
+        kind = kind_of(path)
+        if folds is not None and kind in (ENSEMBLE, EXPORT):
+            fixed = ("its members' folds are fixed in ensemble.yaml" if kind == ENSEMBLE
+                     else "its engines are fixed in export.yaml")
+            raise CarclfError(f"'{path}' is an {kind}: {fixed} (folds= selects folds of a run)")
+        if kind == EXPORT:
+            return cls.from_export(path, precision, threads)
+        if kind == ENSEMBLE:
+            return cls.from_ensemble(path, device)
+        return cls.from_run(path, device, folds)  # not a run either: RunDir.open says why
 
-    # ----------------------------------------------------------------------------------------------- loading
-    def _load_run(self, run_dir: Path | str, folds: list[int] | None) -> None:
-        self.run = RunDir.open(run_dir)
-        self.run_dir = self.run.path
-        self.cfg = self.run.read_config()
-        run_meta = self.run.read_meta()
-        self.classes: list[str] = run_meta["classes"]  # the model's outputs
-        self.merge = self.run.merge_map(run_meta)
-        # What predict_* return: every original class name, merged groups shared out by data.merge_split.
-        self.output_classes: list[str] = self.merge.original
-        # Only completed folds (with out-of-fold logits): an interrupted fold's best.pt is not a finished model.
-        # The full-data fit (no out-of-fold photos) only when asked for by folds=[..., FULL].
-        chosen = self.run.completed_folds()
-        if folds is not None:
-            chosen = [k for k in chosen if k in folds]
-            if FULL in folds and self.run.has_full():
-                chosen.append(FULL)
-            if not chosen:
-                raise CarclfError(f"'{self.run_dir}' has none of the folds {folds} completed")
-        elif self.run.has_full() and self.cfg.predict.full != "off":  # predict.full: beside | instead | off
-            chosen = ([] if self.cfg.predict.full == "instead" else chosen) + [FULL]
-        self.folds = chosen
-        self.incomplete = self.run.incomplete_folds()
-        self.temperatures = [self.run.temperature(k) for k in chosen]
+    @classmethod
+    def from_run(cls, path: Path | str, device: str = "auto", folds: list[int] | None = None) -> Predictor:
+        """Every completed fold of a run (``folds``: only those; FULL among them adds the full-data fit)."""
+        dev = select_device(device)
+        run = RunDir.open(path)
+        cfg = run.read_config()
+        meta = run.read_meta()
+        chosen = _run_folds(run, cfg, folds)
+        temperatures = [run.temperature(k) for k in chosen]
         # Each fold predicts at the input size its validation chose (predict.eval_sizes); folds that share a size
         # share one decoding pass.
-        self.eval_sizes = [self.run.eval_size(k) or data_config_for(self.cfg)["input_size"][1] for k in chosen]
-        self.data_configs = {s: data_config_for(self.cfg, s) for s in sorted(set(self.eval_sizes))}
-        self.amp = amp_dtype(self.cfg.train.amp, self.device)
-        self.views = policy_views(self.cfg.predict)  # TTA: logits averaged over these views (carclf.tta)
-        for k in chosen:  # every checksum before the first (slow) model load
-            self.run.fold(k).verify_best()
-        self.engines = [
-            TorchFold(load_fold_model(self.cfg, self.run.fold(k).best, len(self.classes), self.device),
-                      self.data_configs[s], self.views, self.device, self.amp, self.cfg.train.channels_last)
-            for k, s in zip(chosen, self.eval_sizes, strict=True)
-        ]
+        sizes = [run.eval_size(k) or data_config_for(cfg)["input_size"][1] for k in chosen]
+        weights = []
+        for k in chosen:  # every checksum before the first (slow) model load; the hash is also the version's
+            weights.append(file_sha256(run.fold(k).best))
+            run.fold(k).verify_best(weights[-1])
+        dcfgs = {s: data_config_for(cfg, s) for s in set(sizes)}
+        views = policy_views(cfg.predict)  # TTA: logits averaged over these views (carclf.tta)
+        amp = amp_dtype(cfg.train.amp, dev)
+        engines = [TorchFold(load_fold_model(cfg, run.fold(k).best, len(meta["classes"]), dev), dcfgs[s], views, dev,
+                             amp, cfg.train.channels_last) for k, s in zip(chosen, sizes, strict=True)]
+        merge = run.merge_map(meta)
+        return cls(engines, temperatures, chosen, sizes, list(meta["classes"]), merge, cfg,
+                   run_version(weights, chosen, temperatures, sizes, views, merge.original), kind=RUN,
+                   source=run.path, device=dev, runs=[run] * len(chosen), incomplete=run.incomplete_folds())
 
-    def _load_ensemble(self, path: Path) -> None:
+    @classmethod
+    def from_ensemble(cls, path: Path | str, device: str = "auto") -> Predictor:
         """Members with a weight > 0, each fold's checkpoint checked against its sha256 in ensemble.yaml."""
-        from carclf.artifacts.ensemble import load_calibration, member_run, read_ensemble, verify_checksum
+        from carclf.artifacts.ensemble import ENSEMBLE_FILE, load_calibration, member_run, read_ensemble
 
+        dev = select_device(device)
+        path = Path(path)
         doc = read_ensemble(path)
-        self.ensemble = doc
-        self.run = None
-        self.run_dir = path
-        self.output_classes = list(doc["classes"])
-        self.classes = list(self.output_classes)
-        self.merge = identity(self.output_classes)  # predict() returns the submission's columns already
-        self.incomplete = []
-        self.engines, self.temperatures, self.eval_sizes, self.folds, self.engine_names = [], [], [], [], []
-        self.engine_members: list[int] = []
-        self.data_configs: dict[Any, dict] = {}
-        members, first_cfg = [], None
         used = [m for m in doc["members"] if float(m["weight"]) > 0]
         if not used:
-            raise CarclfError(f"{path / 'ensemble.yaml'}: no member has a weight above 0")
+            raise CarclfError(f"{path / ENSEMBLE_FILE}: no member has a weight above 0")
         runs = [RunDir.open(member_run(path, m)) for m in used]
-        self.member_runs = runs  # per used member (export finds each engine's OOF and training photos there)
-        for m, rd in zip(used, runs, strict=True):  # every checksum before the first (slow) model load
-            for k in m["folds"]:
-                verify_checksum(path, m, k, rd.fold(int(k)).best)
-                # The file is the one the ensemble recorded; and that, the one training wrote (no second hash).
-                rd.fold(int(k)).verify_best(m["best_sha256"][k])
+        _verify_members(path, used, runs)
+        output_classes = list(doc["classes"])
+        engines, temperatures, sizes, folds, engine_members, members, cfgs = [], [], [], [], [], [], []
         for mi, (m, rd) in enumerate(zip(used, runs, strict=True)):
-            cfg = rd.read_config()
-            meta = rd.read_meta()
-            classes = meta["classes"]
-            merge = rd.merge_map(meta)
-            if list(merge.original) != self.output_classes:
-                raise CarclfError(f"{path / 'ensemble.yaml'}: member {m['name']}'s run '{rd.path}' now has other "
-                                  "classes than when the ensemble was made: rebuild the ensemble")
-            first_cfg = first_cfg or cfg
-            amp = amp_dtype(cfg.train.amp, self.device)
-            for k in m["folds"]:
-                best = rd.fold(int(k)).best
-                size = int(m.get("eval_sizes", {}).get(k, 0)) or data_config_for(cfg)["input_size"][1]
-                dcfg = data_config_for(cfg, size)
-                self.data_configs.setdefault((m["name"], size), dcfg)
-                self.engines.append(TorchFold(load_fold_model(cfg, best, len(classes), self.device), dcfg,
-                                              list(m["views"]), self.device, amp, cfg.train.channels_last))
-                self.temperatures.append(float(m["temperature"]))
-                self.eval_sizes.append(size)
-                self.folds.append(int(k))
-                self.engine_names.append(f"{m['name']}/fold{k}")
-                self.engine_members.append(mi)
+            cfg, merge, parts = _member_engines(path, m, rd, dev, output_classes)
+            for engine, k, size in parts:
+                engines.append(engine)
+                temperatures.append(float(m["temperature"]))
+                sizes.append(size)
+                folds.append(k)
+                engine_members.append(mi)
+            cfgs.append(cfg)
             members.append({"name": m["name"], "merge": merge.to_dict(), "weight": float(m["weight"]),
                             "decode": {"draft_factor": cfg.data.draft_factor, "max_pixels": cfg.data.max_pixels}})
-        self.cfg = copy.deepcopy(first_cfg)  # batch size and loader workers of the first member
-        self.cfg.predict.eps = float(doc["eps"])
-        self.amp = amp_dtype(self.cfg.train.amp, self.device)
-        self.views = list(dict.fromkeys(v for m in used for v in m["views"]))  # per engine: engine.views
-        self.postprocess = {
-            "engine_members": list(self.engine_members), "members": members, "space": doc["space"],
-            "calibration": load_calibration(path, doc["calibration"]), "eps": float(doc["eps"]),
-        }
+        cfg = copy.deepcopy(cfgs[0])  # batch size and loader workers of the first member
+        cfg.predict.eps = float(doc["eps"])
+        head = {"engine_members": engine_members, "members": members, "space": doc["space"],
+                "calibration": load_calibration(path, doc["calibration"]), "eps": float(doc["eps"])}
+        return cls(engines, temperatures, folds, sizes, output_classes, identity(output_classes), cfg,
+                   spec_version(path / ENSEMBLE_FILE), head, kind=ENSEMBLE, source=path, device=dev,
+                   runs=[runs[mi] for mi in engine_members])
+
+    @classmethod
+    def from_export(cls, path: Path | str, precision: str = "fp32", threads: int | None = None) -> Predictor:
+        """An export folder alone (no run directory, no checkpoint): its preprocessing, classes, temperatures and
+        post-processing from export.yaml, ONNX Runtime sessions (``threads`` intra-op threads) as its engines."""
+        from carclf.artifacts.ensemble import load_calibration
+        from carclf.artifacts.export import EXPORT_FILE, export_yaml, read_export
+        from carclf.config import config_from_dict
+        from carclf.infer.onnx_engine import load_engines
+
+        export_dir = Path(path)
+        doc = read_export(export_dir)
+        parity = doc.get("parity") or {}
+        if parity.get("passed") is False:
+            raise CarclfError(f"'{export_dir}' failed its parity check at export (max |dp| = "
+                              f"{parity.get('max_abs_diff')} > {parity.get('tolerance')}): it is not to be trusted; "
+                              "export it again")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cfg = config_from_dict(doc["config"], str(export_yaml(export_dir)))
+        head = None
+        if "predictor" in doc:  # an ensemble: its vector / matrix calibration arrays live beside export.yaml
+            head = dict(doc["predictor"]["postprocess"])
+            head["calibration"] = load_calibration(export_dir, head["calibration"], "Export the ensemble again.",
+                                                   EXPORT_FILE)
+        entries = doc["engines"]
+        return cls(load_engines(export_dir, doc, precision, threads), [float(e["temperature"]) for e in entries],
+                   [e.get("fold") for e in entries], [int(e["eval_size"]) for e in entries], list(doc["classes"]),
+                   MergeMap.from_dict(doc["merge"]), cfg, spec_version(export_yaml(export_dir)), head, kind=EXPORT,
+                   source=export_dir, precision=precision)
 
     # ----------------------------------------------------------------------------------------------- state
+    @property
+    def output_classes(self) -> list[str]:
+        """The columns of :meth:`predict`: every original class name (merged groups shared out by the merge map)."""
+        return self.merge.original
+
+    @property
+    def views(self) -> list[str]:
+        """Every TTA view of the engines, in order (each engine averages its own: ``engine.views``)."""
+        return list(dict.fromkeys(v for e in self.engines for v in e.views))
+
+    @property
+    def engine_members(self) -> list[int]:
+        """The member of each engine (a run: one member)."""
+        return [int(m) for m in self.postprocess["engine_members"]] if self.postprocess else [0] * len(self.engines)
+
+    @property
+    def engine_names(self) -> list[str]:
+        """``<member>/fold<k>`` per engine of an ensemble, ``fold<k>`` of a run."""
+        if not self.postprocess:
+            return [f"fold{k}" for k in self.folds]
+        members = self.postprocess["members"]
+        return [f"{members[m]['name']}/fold{k}" for m, k in zip(self.engine_members, self.folds, strict=True)]
+
+    @property
+    def run(self) -> RunDir | None:
+        """The run directory of a run's Predictor (None for an ensemble or an export)."""
+        return self.runs[0] if self.kind == RUN else None
+
     @property
     def eps(self) -> float:
         """The submission's clipping: an ensemble's chosen value, else the run's ``predict.eps``."""
@@ -227,7 +313,7 @@ class Predictor:
         head = self.postprocess
         parts = []
         for mi, m in enumerate(head["members"]):
-            idx = [i for i, e in enumerate(head["engine_members"]) if e == mi]
+            idx = [i for i, e in enumerate(self.engine_members) if e == mi]
             parts.append(f"{m['name']} x{m['weight']:.3f} ({len(idx)} fold(s), TTA "
                          f"{','.join(self.engines[idx[0]].views)}, T {self.temperatures[idx[0]]:.3f})")
         cal = head["calibration"]
@@ -317,3 +403,80 @@ class Predictor:
     def predict_images(self, images: Sequence[ImageSource], fill_bad: bool = False) -> tuple[np.ndarray, list[int]]:
         """:meth:`predict` over photos in memory (encoded bytes, as an upload arrives), in this process."""
         return self.predict(images, num_workers=0, fill_bad=fill_bad)
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def _run_folds(run: RunDir, cfg: Config, folds: list[int] | None) -> list[int]:
+    """Only completed folds (with out-of-fold logits): an interrupted fold's best.pt is not a finished model. The
+    full-data fit (no out-of-fold photos) only when asked for by folds=[..., FULL], or by predict.full."""
+    chosen = run.completed_folds()
+    if folds is not None:
+        chosen = [k for k in chosen if k in folds]
+        if FULL in folds and run.has_full():
+            chosen.append(FULL)
+        if not chosen:
+            raise CarclfError(f"'{run.path}' has none of the folds {folds} completed")
+    elif run.has_full() and cfg.predict.full != "off":  # predict.full: beside | instead | off
+        chosen = ([] if cfg.predict.full == "instead" else chosen) + [FULL]
+    return chosen
+
+
+def _verify_members(path: Path, used: list[dict[str, Any]], runs: list[RunDir]) -> None:
+    """Every member fold's checkpoint is the one the ensemble recorded, and that the one training wrote (one hash
+    each), before the first (slow) model load."""
+    from carclf.artifacts.ensemble import verify_checksum
+
+    for m, rd in zip(used, runs, strict=True):
+        for k in m["folds"]:
+            verify_checksum(path, m, k, rd.fold(int(k)).best)
+            rd.fold(int(k)).verify_best(m["best_sha256"][k])
+
+
+def _member_engines(path: Path, m: dict[str, Any], rd: RunDir, device: torch.device, output_classes: list[str]
+                    ) -> tuple[Config, MergeMap, list[tuple[TorchFold, int, int]]]:
+    """One ensemble member: its run's config and merge map, and (engine, fold, eval size) per fold it uses."""
+    from carclf.artifacts.ensemble import ENSEMBLE_FILE
+
+    cfg = rd.read_config()
+    meta = rd.read_meta()
+    merge = rd.merge_map(meta)
+    if list(merge.original) != output_classes:
+        raise CarclfError(f"{path / ENSEMBLE_FILE}: member {m['name']}'s run '{rd.path}' now has other "
+                          "classes than when the ensemble was made: rebuild the ensemble")
+    amp = amp_dtype(cfg.train.amp, device)
+    parts = []
+    for k in m["folds"]:
+        size = int(m.get("eval_sizes", {}).get(k, 0)) or data_config_for(cfg)["input_size"][1]
+        model = load_fold_model(cfg, rd.fold(int(k)).best, len(meta["classes"]), device)
+        parts.append((TorchFold(model, data_config_for(cfg, size), list(m["views"]), device, amp,
+                                cfg.train.channels_last), int(k), size))
+    return cfg, merge, parts
+
+
+ExportRun = Callable[..., Predictor]  # (run or ensemble path, threads=, log=) -> its Predictor on ONNX Runtime
+
+
+def open_predictor(source: Path | str, engine: str = "torch", device: str = "auto", precision: str = "fp32",
+                   threads: int | None = None, export_run: ExportRun | None = None,
+                   log: Callable[[str], None] = print) -> Predictor:
+    """The Predictor for ``source`` on ``engine``: an export folder runs on ONNX Runtime; a run or an ensemble on
+    PyTorch, or with ``engine="onnx"`` through ``export_run`` (the export step's "export to a temporary folder and
+    load that", :func:`carclf.export.exporter.onnx_predictor`, handed down by the caller: infer imports no step)."""
+    if engine not in ENGINES:
+        raise CarclfError(f"unknown engine {engine!r}: use torch or onnx")
+    if kind_of(source) == EXPORT:
+        if engine == "torch":
+            raise CarclfError(f"'{source}' is an ONNX export: it runs on ONNX Runtime (--engine onnx), or give the "
+                              "run directory for PyTorch")
+        return Predictor.from_export(source, precision, threads)
+    if engine == "torch":
+        return Predictor.open(source, device=device)
+    if precision != "fp32":
+        raise CarclfError(f"{precision} needs an export made with --int8: run carclf export first")
+    if export_run is None:
+        raise CarclfError(f"'{source}' is not an export: ONNX Runtime runs the folder carclf export writes (carclf "
+                          f"export {source} -o DIR, then use DIR)")
+    return export_run(source, threads=threads, log=log)
+
+
+load_exported_predictor = Predictor.from_export  # the name earlier code used
