@@ -128,10 +128,16 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     pp.set_defaults(func=_prepare)
 
 
+def _add_run_command(sub: argparse._SubParsersAction, name: str, help_: str, run_help: str, func) -> None:
+    """A command whose one argument is the run (calibrate, evaluate)."""
+    c = sub.add_parser(name, help=help_)
+    c.add_argument("run", help=run_help)
+    c.set_defaults(func=func)
+
+
 def _add_calibrate(sub: argparse._SubParsersAction) -> None:
-    c = sub.add_parser("calibrate", help="fit a temperature per fold on its out-of-fold logits")
-    c.add_argument("run", help="run directory, e.g. runs/lite0")
-    c.set_defaults(func=_calibrate)
+    _add_run_command(sub, "calibrate", "fit a temperature per fold on its out-of-fold logits",
+                     "run directory, e.g. runs/lite0", _calibrate)
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
@@ -205,9 +211,8 @@ def _add_ensemble(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    e = sub.add_parser("evaluate", help="out-of-fold log loss, accuracy, top-5 and ECE per fold and overall")
-    e.add_argument("run", help="run directory or ensemble folder")
-    e.set_defaults(func=_evaluate)
+    _add_run_command(sub, "evaluate", "out-of-fold log loss, accuracy, top-5 and ECE per fold and overall",
+                     "run directory or ensemble folder", _evaluate)
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
