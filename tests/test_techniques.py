@@ -32,10 +32,10 @@ def test_mixup_switches_off_for_a_clean_tail(tmp_path):
     y = torch.tensor([0, 1, 2, 3])
     assert set_epoch_switches(parts, cfg, 1)["mixup"] == 1
     torch.manual_seed(0)
-    _, target = parts["mixup"](x.clone(), y)
+    _, target = parts.mixup(x.clone(), y)
     assert (target.max(1).values < 0.85).any()  # mixed targets (beyond label smoothing)
     assert set_epoch_switches(parts, cfg, 2)["mixup"] == 0
-    mixed, target = parts["mixup"](x.clone(), y)
+    mixed, target = parts.mixup(x.clone(), y)
     assert torch.equal(mixed, x)
     assert target.argmax(1).tolist() == [0, 1, 2, 3]
     assert target.max(1).values.min() == pytest.approx(0.9 + 0.1 / 5)  # only label smoothing left
@@ -44,19 +44,19 @@ def test_mixup_switches_off_for_a_clean_tail(tmp_path):
 def test_mixup_probability_zero_leaves_batches_alone(tmp_path):
     cfg, parts = _parts(tmp_path, **{"aug.mixup": 0.4, "aug.mixup_prob": 0.0})
     x = torch.randn(4, 3, 8, 8)
-    assert torch.equal(parts["mixup"](x.clone(), torch.arange(4))[0], x)
+    assert torch.equal(parts.mixup(x.clone(), torch.arange(4))[0], x)
 
 
 def test_sgd_nesterov_and_layer_decay(tmp_path):
     cfg, parts = _parts(tmp_path, **{"train.optimizer": "sgd", "train.layer_decay": 0.7, "train.momentum": 0.8})
-    opt = parts["optimizer"]
+    opt = parts.optimizer
     assert isinstance(opt, torch.optim.SGD)
     assert opt.defaults["nesterov"] is True
     assert opt.defaults["momentum"] == 0.8
     scales = sorted({round(g["lr_scale"], 6) for g in opt.param_groups})
     assert scales[-1] == 1.0  # the head
     assert scales[0] < 0.7**3  # the stem: several groups further down
-    parts["scheduler"].step_update(5)  # timm's scheduler sets every group's lr to the schedule x its lr_scale
+    parts.scheduler.step_update(5)  # timm's scheduler sets every group's lr to the schedule x its lr_scale
     lrs = {round(g["lr"] / g["lr_scale"], 12) for g in opt.param_groups if g["lr_scale"] > 0}
     assert len(lrs) == 1  # one schedule, scaled per layer group
 
@@ -70,11 +70,11 @@ def test_gradient_checkpointing_and_compile_switches(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     cfg, parts = _parts(tmp_path, **{"train.grad_checkpointing": True, "train.compile": True})
-    assert parts["model"].grad_checkpointing is True
-    assert compiled == [parts["model"]]
+    assert parts.model.grad_checkpointing is True
+    assert compiled == [parts.model]
     _, plain = _parts(tmp_path)
-    assert plain["model"].grad_checkpointing is False
-    assert plain["forward"] is plain["model"]
+    assert plain.model.grad_checkpointing is False
+    assert plain.forward is plain.model
 
 
 def test_gradient_accumulation_counts_optimizer_updates(synth_data, tmp_path):
@@ -181,7 +181,7 @@ def test_each_fold_predicts_at_the_input_size_its_validation_chose(synth_data, t
     logs = []
     run = train(load_config(None, tiny_overrides(synth_data, tmp_path, **over)), log=logs.append)
     assert any("validation log loss by input size: 64px" in line for line in logs)
-    predictor = Predictor(run, folds=[0])
+    predictor = Predictor.open(run, folds=[0])
     for k in (0, 1):
         summary = json.loads((run / f"fold{k}" / "summary.json").read_text())
         scores = {int(s): v for s, v in summary["eval_size_log_loss"].items()}

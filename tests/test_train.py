@@ -220,7 +220,7 @@ def _parts_and_loader(synth_data, tmp_path, inf_at_step, scaler):
     ts = scan_train(synth_data)
     ds = ImageDataset(ts.paths[:32], ts.labels[:32], eval_transform(data_config_for(cfg)), 64)
     parts = build_fold(cfg, len(ts.classes), 2, torch.device("cpu"))
-    real = parts["criterion"]
+    real = parts.criterion
     calls = []
 
     def criterion(out, y):
@@ -228,8 +228,8 @@ def _parts_and_loader(synth_data, tmp_path, inf_at_step, scaler):
         loss = real(out, y)
         return loss * float("inf") if len(calls) == inf_at_step else loss
 
-    parts["criterion"] = criterion
-    parts["scaler"] = scaler
+    parts.criterion = criterion
+    parts.scaler = scaler
     return cfg, parts, make_loader(ds, 16, 0)
 
 
@@ -238,14 +238,14 @@ def test_non_finite_loss_is_skipped_under_fp16_loss_scaling(synth_data, tmp_path
 
     scaler = torch.amp.GradScaler("cpu")
     cfg, parts, loader = _parts_and_loader(synth_data, tmp_path, inf_at_step=1, scaler=scaler)
-    before = {k: v.clone() for k, v in parts["model"].state_dict().items()}
+    before = {k: v.clone() for k, v in parts.model.state_dict().items()}
     scale = scaler.get_scale()
     out = train_one_epoch(parts, loader, cfg, torch.device("cpu"), 0, 0, "t")
     assert out["skipped"] == 1
     assert out["step"] == 2
     assert scaler.get_scale() < scale  # GradScaler lowered the scale after the overflow
     assert torch.isfinite(torch.tensor(out["loss"]))
-    after = parts["model"].state_dict()
+    after = parts.model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the finite step still trained
 
 
@@ -274,7 +274,7 @@ def test_checkpoints_from_elsewhere_never_run_code(synth_data, tmp_path, monkeyp
     from carclf.infer.predictor import Predictor
 
     with pytest.raises(CarclfError, match="is not the file training wrote"):  # the hash recorded at training
-        Predictor(run)
+        Predictor.open(run)
     import json
 
     from carclf.io import file_sha256
@@ -283,7 +283,7 @@ def test_checkpoints_from_elsewhere_never_run_code(synth_data, tmp_path, monkeyp
     summary["best_sha256"] = file_sha256(run / "fold0" / "best.pt")  # someone planted the hash too
     (run / "fold0" / "summary.json").write_text(json.dumps(summary))
     with pytest.raises(CarclfError, match="cannot read checkpoint"):
-        Predictor(run)
+        Predictor.open(run)
     state = torch.load(run / "fold0" / "last.pt", weights_only=True)
     torch.save({**state, "epoch": 0, "extra": _Evil()}, run / "fold0" / "last.pt")
     (run / "fold0" / "oof.npz").unlink()  # unfinished: resume reads last.pt

@@ -10,9 +10,16 @@ import statistics
 from collections import Counter
 from collections.abc import Callable
 
+from torch.utils.data import DataLoader
+
+from carclf.artifacts.metrics_csv import write_metrics
 from carclf.artifacts.run import RunDir
-from carclf.config import Config
+from carclf.config import Config, effective_lr
 from carclf.errors import CarclfError
+from carclf.io import atomic_write_text
+from carclf.runtime import versions
+from carclf.train.averaging import full_fit_weights
+from carclf.train.state import Fold
 
 
 def full_fit_plan(rd: RunDir, cfg: Config, log: Callable[[str], None]) -> dict:
@@ -43,3 +50,23 @@ def full_fit_plan(rd: RunDir, cfg: Config, log: Callable[[str], None]) -> dict:
     log(f"full-data fit: {epochs} epoch(s) of {t.epochs} ({source}), {weights} weights"
         + (f", predicting at {eval_size}px" if eval_size else ""))
     return plan
+
+
+def finish_full(fold: Fold, history: list[dict], train_loader: DataLoader, log: Callable[[str], None]) -> dict:
+    """The full-data fit's ``best.pt``: the weights kind the folds chose (SWA, EMA or raw) after the planned epochs;
+    then ``summary.json``, which marks the fit complete."""
+    plan, fp = fold.plan, fold.fp
+    weights, model = full_fit_weights(fold, train_loader, plan["weights"])
+    last_epoch = history[-1]["epoch"] if history else -1
+    sha256 = fold.save_best(model, last_epoch, weights, math.nan)
+    for row in history:
+        row["weights"], row["chosen"] = weights, "*" if row["epoch"] == last_epoch else ""
+    write_metrics(fp.metrics, history)
+    n_train = len(fold.tr_idx)
+    summary = {"fold": "full", "epochs": plan["epochs"], "best_epoch": last_epoch, "best_weights": weights,
+               "eval_size": plan["eval_size"], "chosen_by": plan["source"], "fold_weights": plan["fold_weights"],
+               "n_train": n_train, "lr_effective": effective_lr(fold.cfg), "versions": versions(),
+               "best_sha256": sha256}
+    atomic_write_text(fp.summary, json.dumps(summary, indent=1))  # last: marks the full-data fit complete
+    log(f"full-data fit: {n_train} photos, {plan['epochs']} epoch(s), {weights} weights saved to {fp.best}")
+    return summary

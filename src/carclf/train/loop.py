@@ -1,14 +1,14 @@
 """Training: ``train(cfg)`` splits the data once, then trains each requested fold into ``runs/<name>/fold<k>/``.
 
-Each epoch is a pure function of (state at its start, seed, epoch), so ``--resume`` from ``last.pt`` reproduces
-an uninterrupted run exactly.
+A fold is flat, as in torchvision's reference: ``setup_fold`` -> ``resume_fold`` -> ``train_epoch`` +
+``record_epoch`` per epoch -> ``finish_fold``, over a typed state (train/state.py); the weight averages and the
+end-of-training choices are train/averaging.py's. Each epoch is a pure function of (state at its start, seed,
+epoch), so ``--resume`` from ``last.pt`` reproduces an uninterrupted run exactly.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import math
 import time
@@ -20,18 +20,20 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from carclf.artifacts.checkpoint import checked_best_sha256, read_last, write_last
+from carclf.artifacts.metrics_csv import write_metrics
 from carclf.artifacts.oof import write_fold_oof
-from carclf.artifacts.run import FoldPaths, RunDir, fold_name
-from carclf.config import Config, effective_lr, global_batch, parse_size_schedule, parse_sizes
+from carclf.artifacts.run import RunDir, fold_name
+from carclf.config import Config, effective_lr, global_batch, parse_size_schedule
 from carclf.data.dataset import ImageDataset, make_loader
 from carclf.data.merges import MergeMap
 from carclf.data.rundata import RunData, load_run_data
 from carclf.data.splits import parse_folds
 from carclf.data.transforms import batch_normalize, data_config_for, eval_transform, train_transform
 from carclf.errors import CarclfError
-from carclf.io import atomic_torch_save, atomic_write_text, file_sha256
+from carclf.io import atomic_write_text, file_sha256
 from carclf.metrics import score, softmax
-from carclf.models.factory import create_model, load_fold_model
+from carclf.models.factory import load_fold_model
 from carclf.models.forward import infer_logits, infer_view_logits
 from carclf.runtime import (
     amp_dtype,
@@ -39,7 +41,6 @@ from carclf.runtime import (
     barrier,
     configure_backends,
     gather_objects,
-    grad_scaler,
     init_distributed,
     on_main,
     rank_world,
@@ -48,14 +49,13 @@ from carclf.runtime import (
     versions,
 )
 from carclf.tracking import Tracker, read_run_id, write_run_id
-from carclf.train.full import full_fit_plan
-from carclf.train.losses import ClassificationLoss, class_weights_for
+from carclf.train.averaging import choose_eval_size, final_candidates, update_ema, update_swa
+from carclf.train.full import finish_full, full_fit_plan
+from carclf.train.state import Fold, FoldParts, Progress, build_fold
 from carclf.tta import parse_policy, policy_views
 
-METRIC_FIELDS = [
-    "epoch", "step", "train_loss", "val_log_loss", "val_accuracy", "val_top5", "lr", "ema_decay", "skipped_steps",
-    "mixup", "backbone_frozen", "train_size", "images_per_s", "data_wait", "seconds", "weights", "chosen",
-]
+__all__ = ["build_fold", "check_startable", "set_epoch_switches", "train", "train_fold", "train_one_epoch"]
+
 # Keys a resumed run may change; anything else must match the run it continues.
 RESUMABLE_KEYS = {("train", "folds"), ("train", "device"), ("train", "threads"), ("predict", "batch_size")}
 
@@ -196,19 +196,6 @@ def _log_removed(removed: list[Path], log: Callable[[str], None]) -> None:
             + ", ".join(str(p) for p in removed[:5]) + (" ..." if len(removed) > 5 else ""))
 
 
-def save_best(model: nn.Module, meta: dict, cfg: Config, classes: list[str], fp: FoldPaths) -> str:
-    """Write ``best.pt`` (the weights and ``meta``); return its SHA-256, recorded in last.pt's ``best`` and, once the
-    fold is done, in summary.json, so that a damaged or replaced best.pt is refused wherever it is loaded."""
-    atomic_torch_save({"model": model.state_dict(), **meta, "config": cfg.to_dict(), "classes": classes}, fp.best)
-    return file_sha256(fp.best)
-
-
-def checked_best_sha256(fp: FoldPaths, best: dict) -> str:
-    """``best.pt``'s SHA-256, refused when it is not the hash recorded when the file was written (a resumed fold's
-    best.pt damaged while the run was stopped); a last.pt from before hashes were recorded is taken as it is."""
-    return fp.check_best(best.get("sha256") or None, fp.last.name)
-
-
 def start_tracker(cfg: Config, rd: RunDir, k: int, log: Callable[[str], None], enabled: bool = True) -> Tracker:
     """The fold's MLflow run (``track.*``): a resumed fold continues the run it started. A tracking server that
     cannot be reached is one warning and no tracking, never a lost training run."""
@@ -229,81 +216,43 @@ def _quiet(message: str) -> None:
     """The log of ranks other than 0: rank 0 speaks for the group."""
 
 
-def build_fold(
-    cfg: Config, n_classes: int, steps_per_epoch: int, device: torch.device, train_labels: np.ndarray | None = None,
-    classes: list[str] | None = None,
-) -> dict:
-    """Model, EMA, optimizer, scheduler, scaler and loss for one fold. ``steps_per_epoch`` counts optimizer updates
-    (micro-batches / train.accum_steps); ``train_labels`` feed ``train.class_weights=balanced``."""
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import CosineLRScheduler
-    from timm.utils import ModelEmaV3
+def _prepare_batch(parts: FoldParts, cfg: Config, x: torch.Tensor, y: torch.Tensor,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training batch on ``device``: normalised, randomly erased, in the run's memory format, mixed."""
+    x, y = parts.normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+    if parts.erasing is not None:
+        x = parts.erasing(x)
+    if cfg.train.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if parts.mixup is not None:
+        if len(x) % 2:  # timm's Mixup pairs samples and needs an even batch
+            x, y = x[:-1], y[:-1]
+        x, y = parts.mixup(x, y)
+    return x, y
 
-    t = cfg.train
-    model = create_model(cfg.model, n_classes).to(device)
-    if t.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if t.grad_checkpointing:
-        if not hasattr(model, "set_grad_checkpointing"):
-            raise CarclfError(f"train.grad_checkpointing: timm's {cfg.model.name} does not support it")
-        model.set_grad_checkpointing(True)
-    lr = effective_lr(cfg)
-    # Frozen parameters stay out of the optimizer (timm's factory skips requires_grad=False). Layer decay gives each
-    # layer group an lr_scale that timm's scheduler applies.
-    optimizer = create_optimizer_v2(
-        model, t.optimizer, lr=lr, weight_decay=t.weight_decay, momentum=t.momentum,
-        layer_decay=t.layer_decay or None,
-    )
-    classifier = {id(p) for p in model.get_classifier().parameters()}
-    warm_frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in classifier]
-    total = t.epochs * steps_per_epoch
-    scheduler = CosineLRScheduler(
-        optimizer,
-        t_initial=total,
-        lr_min=t.min_lr,
-        warmup_t=int(t.warmup_epochs * steps_per_epoch),
-        warmup_lr_init=lr * 0.01,
-        t_in_epochs=False,
-    )
-    ema = ModelEmaV3(model, decay=t.ema_decay, use_warmup=t.ema_warmup) if t.ema else None
-    dtype = amp_dtype(t.amp, device)
-    if cfg.aug.mixup > 0 or cfg.aug.cutmix > 0:
-        from timm.data import Mixup
 
-        mixup = Mixup(
-            mixup_alpha=cfg.aug.mixup, cutmix_alpha=cfg.aug.cutmix, prob=cfg.aug.mixup_prob,
-            switch_prob=cfg.aug.mixup_switch_prob, label_smoothing=t.label_smoothing, num_classes=n_classes,
-        )
+def _optimizer_update(parts: FoldParts, cfg: Config, step: int) -> int:
+    """Optimizer update number ``step`` from the summed gradients, then the schedule and the EMA; 1 when fp16 loss
+    scaling skipped it (its gradients held inf/NaN), else 0."""
+    scaler, skipped = parts.scaler, 0
+    if scaler is not None:
+        scaler.unscale_(parts.optimizer)
+    if cfg.train.grad_clip > 0:
+        nn.utils.clip_grad_norm_(parts.model.parameters(), cfg.train.grad_clip)
+    if scaler is not None:
+        scale = scaler.get_scale()
+        scaler.step(parts.optimizer)  # skipped inside when the scaled gradients hold inf/NaN
+        scaler.update()
+        skipped = int(scaler.get_scale() < scale)  # the scale drops exactly when the update was skipped
     else:
-        mixup = None
-    weights = class_weights_for(t.class_weights, classes or [str(i) for i in range(n_classes)],
-                                np.asarray(train_labels if train_labels is not None else []))
-    # Mixup's targets arrive smoothed already; hard labels are smoothed by the loss.
-    criterion = ClassificationLoss(t.loss, t.focal_gamma, t.focal_weight, t.label_smoothing, weights).to(device)
-    erasing = None
-    if cfg.aug.re_prob > 0:  # on the normalised batch, as timm's prefetcher does
-        from timm.data.random_erasing import RandomErasing
-
-        erasing = RandomErasing(cfg.aug.re_prob, mode="pixel", device=device.type)
-    swa = None
-    if t.swa_start_epoch:
-        from torch.optim.swa_utils import AveragedModel
-
-        swa = AveragedModel(model)  # BatchNorm statistics are recomputed on the training data at the end
-    return {
-        "model": model, "ema": ema, "swa": swa, "optimizer": optimizer, "scheduler": scheduler,
-        "forward": torch.compile(model) if t.compile else model, "warm_frozen": warm_frozen,
-        "scaler": grad_scaler(device, dtype), "criterion": criterion, "mixup": mixup, "amp": dtype, "erasing": erasing,
-        "normalize": batch_normalize(data_config_for(cfg)),
-    }
-
-
-def _eval_model(parts: dict) -> nn.Module:
-    return parts["ema"].module if parts["ema"] is not None else parts["model"]
+        parts.optimizer.step()
+    parts.scheduler.step_update(step)
+    update_ema(parts, step)
+    return skipped
 
 
 def train_one_epoch(
-    parts: dict, loader: DataLoader, cfg: Config, device: torch.device, step: int, epoch: int, desc: str
+    parts: FoldParts, loader: DataLoader, cfg: Config, device: torch.device, step: int, epoch: int, desc: str
 ) -> dict:
     """One pass over ``loader``. Returns the mean loss, the optimizer update count after it, the indices that failed
     to decode, the micro-batches whose loss was non-finite (fp16 only), seconds, and seconds spent waiting for data.
@@ -314,11 +263,8 @@ def train_one_epoch(
     and stops with the epoch and step."""
     from tqdm.auto import tqdm
 
-    model, optimizer, scheduler, forward = parts["model"], parts["optimizer"], parts["scheduler"], parts["forward"]
-    ema, scaler, criterion, mixup = parts["ema"], parts["scaler"], parts["criterion"], parts["mixup"]
-    cl = cfg.train.channels_last
     accum, n_batches = cfg.train.accum_steps, len(loader)
-    model.train()
+    parts.model.train()
     total, count, bad, skipped = 0.0, 0, [], 0
     wait = 0.0
     start = tick = time.perf_counter()
@@ -328,51 +274,30 @@ def train_one_epoch(
         bad.extend(idx[~ok].tolist())
         group_start = batch_i - batch_i % accum
         group_size = min(accum, n_batches - group_start)  # the epoch's last group may be shorter
-        x, y = parts["normalize"](x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
-        if parts["erasing"] is not None:
-            x = parts["erasing"](x)
-        if cl:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if mixup is not None:
-            if len(x) % 2:  # timm's Mixup pairs samples and needs an even batch
-                x, y = x[:-1], y[:-1]
-            x, y = mixup(x, y)
+        x, y = _prepare_batch(parts, cfg, x, y, device)
         last_of_group = batch_i == group_start + group_size - 1
         # Under DDP, gradients are all-reduced only on a group's last micro-batch.
-        sync = contextlib.nullcontext() if last_of_group or "ddp" not in parts else parts["ddp"].no_sync()
+        sync = contextlib.nullcontext() if last_of_group or parts.ddp is None else parts.ddp.no_sync()
         with sync:
-            with autocast(device, parts["amp"]):
-                loss = criterion(forward(x), y)
+            with autocast(device, parts.amp):
+                loss = parts.criterion(parts.forward(x), y)
             finite = bool(torch.isfinite(loss))
-            if not finite and scaler is None:
+            if not finite and parts.scaler is None:
                 raise CarclfError(
                     f"training diverged: loss {loss.item()} in epoch {epoch + 1}, step {batch_i + 1} of {n_batches} "
                     f"(update {step + 1} of the fold): lower train.lr, raise train.warmup_epochs, or set "
                     "train.grad_clip"
                 )
             if batch_i == group_start:
-                optimizer.zero_grad(set_to_none=True)
+                parts.optimizer.zero_grad(set_to_none=True)
             part = loss / group_size
-            if scaler is not None:
-                scaler.scale(part).backward()
+            if parts.scaler is not None:
+                parts.scaler.scale(part).backward()
             else:
                 part.backward()
         if last_of_group:  # the group is complete: one optimizer update
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if cfg.train.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            if scaler is not None:
-                scale = scaler.get_scale()
-                scaler.step(optimizer)  # skipped inside when the scaled gradients hold inf/NaN
-                scaler.update()
-                skipped += int(scaler.get_scale() < scale)  # the scale drops exactly when the update was skipped
-            else:
-                optimizer.step()
             step += 1
-            scheduler.step_update(step)
-            if ema is not None:
-                ema.update(model, step=step)
+            skipped += _optimizer_update(parts, cfg, step)
         if finite:
             total += loss.item() * len(x)
             count += len(x)
@@ -382,55 +307,17 @@ def train_one_epoch(
             "skipped": skipped, "seconds": time.perf_counter() - start, "wait": wait}
 
 
-def set_epoch_switches(parts: dict, cfg: Config, epoch: int) -> dict:
+def set_epoch_switches(parts: FoldParts, cfg: Config, epoch: int) -> dict:
     """What changes with the epoch: Mixup/CutMix off from ``aug.mixup_off_epoch``, the backbone frozen for the first
     ``train.freeze_epochs`` (only the classifier learns; BatchNorm statistics still adapt). A function of the epoch
     alone, so a resumed run sets the same switches."""
-    mixup_on = parts["mixup"] is not None and not (cfg.aug.mixup_off_epoch and epoch >= cfg.aug.mixup_off_epoch)
-    if parts["mixup"] is not None:
-        parts["mixup"].mixup_enabled = mixup_on
+    mixup_on = parts.mixup is not None and not (cfg.aug.mixup_off_epoch and epoch >= cfg.aug.mixup_off_epoch)
+    if parts.mixup is not None:
+        parts.mixup.mixup_enabled = mixup_on
     frozen = epoch < cfg.train.freeze_epochs
-    for p in parts["warm_frozen"]:
+    for p in parts.warm_frozen:
         p.requires_grad_(not frozen)
     return {"mixup": int(mixup_on), "backbone_frozen": int(frozen)}
-
-
-def _state(parts: dict, epoch: int, step: int, best: dict, history: list, bad: list, cfg: Config) -> dict:
-    return {
-        "model": parts["model"].state_dict(),
-        "ema": parts["ema"].state_dict() if parts["ema"] is not None else None,
-        "swa": parts["swa"].state_dict() if parts["swa"] is not None else None,
-        "optimizer": parts["optimizer"].state_dict(),
-        "scheduler": parts["scheduler"].state_dict(),
-        "scaler": parts["scaler"].state_dict() if parts["scaler"] is not None else None,
-        "epoch": epoch,
-        "step": step,
-        "best": best,
-        "history": history,
-        "bad": bad,
-        "config": cfg.to_dict(),
-    }
-
-
-def _write_metrics(path: Path, history: list[dict]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, lineterminator="\n", extrasaction="ignore")
-    w.writeheader()
-    for row in history:
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    atomic_write_text(path, buf.getvalue())
-
-
-def _load_state(path: Path, device: torch.device) -> dict:
-    """``last.pt`` with ``weights_only=True``: tensors and plain containers only, so opening a run directory from
-    elsewhere cannot run code from it."""
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - unpickling errors vary; all mean "not a checkpoint carclf wrote"
-        raise CarclfError(
-            f"cannot resume from '{path}': {type(exc).__name__}: {exc}. It is damaged or was not written by carclf; "
-            "move it away to restart this fold from scratch."
-        ) from exc
 
 
 def train_fold(
@@ -443,33 +330,36 @@ def train_fold(
     device: torch.device | None = None,
     tracker: Tracker | None = None,
 ) -> dict:
-    """Train fold ``k``; write metrics.csv, best.pt, last.pt and oof.npz into the run's ``fold<k>/``.
+    """Train fold ``k``; write metrics.csv, best.pt, last.pt and oof.npz into the run's ``fold<k>/``: set up, resume
+    from last.pt (if there is one), train the epochs, then choose and write the fold's final model and OOF logits.
 
     Distributed (torchrun): each rank trains on its share of every batch (``data.batch_size`` per process), the
     validation logits are gathered so every rank sees the same figures (and stops early together), and rank 0 alone
     writes files and, at the end, scores the final candidates and writes the out-of-fold logits."""
-    t = cfg.train
-    device = device or select_device(t.device)
-    rank, world = rank_world()
-    configure_backends(device, t.tf32, t.cudnn_benchmark)
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    fp = rd.fold(k)
-    full = fp.is_full  # the full-data fit: every usable photo, no validation (train/full.py)
-    fp.dir.mkdir(parents=True, exist_ok=True)
-    ts = data.trainset
-    tr_idx, va_idx = data.split(k)
-    classes = data.classes
-    if len(tr_idx) == 0 or (len(va_idx) == 0 and not full):
-        raise CarclfError(f"fold {k} has no training or no validation images after skipping unreadable ones")
-    state = _load_state(fp.last, device) if fp.last.is_file() else None  # resuming
-    plan = None
-    if full:
-        plan = (state or {}).get("plan") or full_fit_plan(rd, cfg, log)  # resumed: the same plan
-    n_epochs = plan["epochs"] if full else t.epochs
+    fold = setup_fold(cfg, k, data, rd, device or select_device(cfg.train.device), log)
+    progress = resume_fold(fold, log)
+    for epoch in range(progress.start_epoch, fold.n_epochs):
+        row = train_epoch(fold, progress, epoch)
+        improved, stop = record_epoch(fold, progress, row)
+        log(_epoch_line(fold, row, improved))
+        if tracker is not None:
+            tracker.log_metrics(row, step=epoch)
+        if on_epoch_end is not None:
+            on_epoch_end(k, epoch, row)
+        if stop:
+            log(f"fold {k}: no better val log loss for {cfg.train.patience} epochs, stopping early")
+            break
+    progress.bad = sorted({i for part in gather_objects(progress.bad) for i in part})
+    barrier()  # every rank has finished training before rank 0 alone scores and writes
+    return on_main(lambda: finish_fold(fold, progress, log))
+
+
+def _datasets(cfg: Config, data: RunData, tr_idx: np.ndarray,
+              va_idx: np.ndarray) -> tuple[ImageDataset, ImageDataset, int, dict[int, int]]:
+    """The fold's training and validation photos, the training size and its progressive-resizing schedule."""
     dcfg = data_config_for(cfg)
     size = dcfg["input_size"][1]
-    paths, labels = np.array(ts.paths, dtype=object), data.labels
+    paths, labels = np.array(data.trainset.paths, dtype=object), data.labels
     train_ds = ImageDataset(
         paths[tr_idx], labels[tr_idx], train_transform(dcfg, cfg.aug), size, cfg.data.draft_factor, substitute=True,
         max_pixels=cfg.data.max_pixels,
@@ -478,28 +368,54 @@ def train_fold(
         paths[va_idx], labels[va_idx], eval_transform(dcfg), size, cfg.data.draft_factor,
         max_pixels=cfg.data.max_pixels,
     )
-    schedule = parse_size_schedule(cfg.aug.size_schedule, size, t.epochs)
+    schedule = parse_size_schedule(cfg.aug.size_schedule, size, cfg.train.epochs)
     for s_ in set(schedule.values()):  # progressive resizing: one training transform per size
         train_ds.transforms[s_] = train_transform(data_config_for(cfg, s_), cfg.aug)
+    return train_ds, val_ds, size, schedule
+
+
+def _distribute(parts: FoldParts, cfg: Config, device: torch.device) -> None:
+    """Wrap the model in DistributedDataParallel (under torchrun), with SyncBatchNorm when asked."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    t = cfg.train
+    if t.sync_bn:
+        if device.type != "cuda":
+            raise CarclfError("train.sync_bn=true needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel)")
+        parts.model = nn.SyncBatchNorm.convert_sync_batchnorm(parts.model)  # same parameters
+    parts.ddp = DistributedDataParallel(
+        parts.model, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=t.freeze_epochs > 0,  # the warm start leaves the backbone without gradients
+    )
+    parts.forward = torch.compile(parts.ddp) if t.compile else parts.ddp
+
+
+def setup_fold(cfg: Config, k: int, data: RunData, rd: RunDir, device: torch.device,
+               log: Callable[[str], None]) -> Fold:
+    """Photos, loaders and parts of fold ``k``, with last.pt read when the fold resumes."""
+    t = cfg.train
+    rank, world = rank_world()
+    configure_backends(device, t.tf32, t.cudnn_benchmark)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    fp = rd.fold(k)
+    fp.dir.mkdir(parents=True, exist_ok=True)
+    tr_idx, va_idx = data.split(k)
+    if len(tr_idx) == 0 or (len(va_idx) == 0 and not fp.is_full):
+        raise CarclfError(f"fold {k} has no training or no validation images after skipping unreadable ones")
+    saved = read_last(fp.last, device) if fp.last.is_file() else None  # resuming
+    plan = None
+    if fp.is_full:  # the full-data fit: every usable photo, no validation (train/full.py); resumed: the same plan
+        plan = (saved or {}).get("plan") or full_fit_plan(rd, cfg, log)
+    train_ds, val_ds, size, schedule = _datasets(cfg, data, tr_idx, va_idx)
     per_rank = -(-len(train_ds) // world)
     bs = min(cfg.data.batch_size, per_rank)
     batches = per_rank // bs if per_rank > bs else 1
-    steps = math.ceil(batches / t.accum_steps)  # optimizer updates per epoch
     seed_everything(t.seed * 1000 + k)
-    parts = build_fold(cfg, len(classes), steps, device, labels[tr_idx], classes)
+    parts = build_fold(cfg, len(data.classes), math.ceil(batches / t.accum_steps), device, data.labels[tr_idx],
+                       data.classes)
     if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        if t.sync_bn:
-            if device.type != "cuda":
-                raise CarclfError("train.sync_bn=true needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel)")
-            parts["model"] = nn.SyncBatchNorm.convert_sync_batchnorm(parts["model"])  # same parameters
-        ddp = DistributedDataParallel(
-            parts["model"], device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=t.freeze_epochs > 0,  # the warm start leaves the backbone without gradients
-        )
-        parts["ddp"] = ddp
-        parts["forward"] = torch.compile(ddp) if t.compile else ddp
+        _distribute(parts, cfg, device)
     pin = device.type == "cuda"
     # One loader each for the fold, workers kept across epochs; the sampler seeds every photo from (seed, epoch).
     train_loader = make_loader(train_ds, bs, cfg.data.num_workers, shuffle=True, seed=t.seed * 1009 + k,
@@ -508,125 +424,130 @@ def train_fold(
     # Per-epoch validation: each rank scores its share, the logits are gathered.
     val_shard = val_loader if world == 1 else make_loader(
         val_ds, cfg.predict.batch_size, cfg.data.num_workers, pin_memory=pin, rank=rank, world_size=world)
-    start_epoch, step, history, bad = 0, 0, [], []
-    primary = "ema" if parts["ema"] is not None else "raw"
-    best = {"val_log_loss": math.inf, "epoch": -1, "weights": primary}
-    if state is not None:
-        parts["model"].load_state_dict(state["model"])
-        if parts["ema"] is not None:
-            parts["ema"].load_state_dict(state["ema"])
-        if parts["swa"] is not None and state.get("swa"):
-            parts["swa"].load_state_dict(state["swa"])
-        parts["optimizer"].load_state_dict(state["optimizer"])
-        parts["scheduler"].load_state_dict(state["scheduler"])
-        if parts["scaler"] is not None and state["scaler"]:
-            parts["scaler"].load_state_dict(state["scaler"])
-        start_epoch, step, best, history, bad = (
-            state["epoch"] + 1, state["step"], state["best"], state["history"], state["bad"]
-        )
-        best.setdefault("weights", primary)  # a last.pt from before SWA
-        if state.get("stopped"):  # early-stopped before the interruption: go straight to the OOF logits
-            start_epoch = t.epochs
-        log(f"{fold_name(k)}: resuming after epoch {state['epoch'] + 1}")
+    return Fold(cfg=cfg, k=k, data=data, rd=rd, fp=fp, device=device, rank=rank, world=world, plan=plan,
+                n_epochs=plan["epochs"] if plan else t.epochs, size=size, schedule=schedule, tr_idx=tr_idx,
+                va_idx=va_idx, train_ds=train_ds, val_ds=val_ds, bs=bs, pin=pin, parts=parts,
+                train_loader=train_loader, val_loader=val_loader, val_shard=val_shard, saved=saved)
+
+
+def resume_fold(fold: Fold, log: Callable[[str], None]) -> Progress:
+    """Where the fold starts: from scratch, or where last.pt left it (weights, optimizer, schedule, averages)."""
+    cfg, parts, t = fold.cfg, fold.parts, fold.cfg.train
+    progress = Progress.new(parts.primary)
+    if fold.saved is not None:
+        parts.load_state_dicts(fold.saved)
+        progress = Progress.from_last(fold.saved, parts.primary, t.epochs)
+        log(f"{fold_name(fold.k)}: resuming after epoch {fold.saved['epoch'] + 1}")
+        fold.saved = None  # loaded: its tensors need not stay in memory while training
     lr_note = "" if not t.lr_base_size else (
         f" = train.lr {t.lr:g} x {t.lr_base_scale} scaling to global batch {global_batch(cfg)} from {t.lr_base_size}"
     )
     log(
-        f"{fold_name(k)}: {len(tr_idx)} train / {len(va_idx)} val images, {len(classes)} classes, "
-        f"{cfg.model.name} @ {size}px on {device}, lr {effective_lr(cfg):g}{lr_note}"
-        + (f", batch {bs} x {t.accum_steps} accumulated = {bs * t.accum_steps}" if t.accum_steps > 1 else "")
+        f"{fold_name(fold.k)}: {len(fold.tr_idx)} train / {len(fold.va_idx)} val images, {len(fold.classes)} "
+        f"classes, {cfg.model.name} @ {fold.size}px on {fold.device}, lr {effective_lr(cfg):g}{lr_note}"
+        + (f", batch {fold.bs} x {t.accum_steps} accumulated = {fold.bs * t.accum_steps}" if t.accum_steps > 1 else "")
         + (f", EMA decay {t.ema_decay:g}" + (" after timm's warm-up" if t.ema_warmup else "") if t.ema else "")
     )
-    since_best = start_epoch - 1 - best["epoch"]
-    val_labels = labels[va_idx]
-    for epoch in range(start_epoch, n_epochs):
-        seed_everything(t.seed * 1_000_003 + k * 1009 + epoch + rank * 7919)  # Mixup, erasing, dropout here
-        train_loader.sampler.set_epoch(epoch)
-        epoch_size = schedule[max(e for e in schedule if e <= epoch)] if schedule else size
-        train_loader.sampler.set_size(epoch_size if schedule else 0)
-        switches = set_epoch_switches(parts, cfg, epoch)
-        out = train_one_epoch(
-            parts, train_loader, cfg, device, step, epoch, desc=f"{fold_name(k)} epoch {epoch + 1}/{t.epochs}"
-        )
-        step = out["step"]
-        if parts["swa"] is not None and epoch >= t.swa_start_epoch:
-            parts["swa"].update_parameters(parts["model"])
-        bad.extend(int(tr_idx[i]) for i in out["bad"])
-        if full:  # nothing to validate on: the folds chose the epochs and the weights
-            s = {"log_loss": math.nan, "accuracy": math.nan, "top5": math.nan}
-        else:
-            logits, order, ok = _gather_logits(infer_logits(
-                _eval_model(parts), val_shard, device, parts["normalize"], amp=parts["amp"],
-                channels_last=t.channels_last,
-            ))
-            bad.extend(int(va_idx[i]) for i in order[~ok])
-            s = score(softmax(logits[ok]), val_labels[order[ok]])
-        if world > 1:
-            out = _reduce_epoch(out)
-        row = {
-            "epoch": epoch, "step": step, "train_loss": out["loss"], "val_log_loss": s["log_loss"],
-            "val_accuracy": s["accuracy"], "val_top5": s["top5"],
-            "lr": max(g["lr"] for g in parts["optimizer"].param_groups),  # the head's, with layer decay
-            "ema_decay": parts["ema"].get_decay(step) if parts["ema"] is not None else math.nan,
-            "skipped_steps": out["skipped"], **switches, "train_size": epoch_size,
-            "images_per_s": len(train_loader) * bs * world / out["seconds"],
-            "data_wait": out["wait"] / out["seconds"], "seconds": out["seconds"], "weights": primary,
-        }
-        history.append(row)
-        improved = s["log_loss"] < best["val_log_loss"]
-        if improved:
-            best = {"val_log_loss": s["log_loss"], "epoch": epoch, "weights": primary}
-            since_best = 0
-            if rank == 0:
-                best["sha256"] = save_best(_eval_model(parts), {"epoch": epoch, "val_log_loss": s["log_loss"]}, cfg,
-                                           classes, fp)
-        else:
-            since_best += 1
-        stop = bool(t.patience) and since_best >= t.patience
-        if rank == 0:
-            _write_metrics(fp.metrics, history)
-            atomic_torch_save({**_state(parts, epoch, step, best, history, bad, cfg), "stopped": stop,
-                               **({"plan": plan} if plan else {})}, fp.last)
-        log(
-            f"{fold_name(k)} epoch {epoch + 1}/{n_epochs}: loss {out['loss']:.4f}  "
-            + ("" if full else f"val log loss {s['log_loss']:.4f}  acc {s['accuracy']:.3f}  top5 {s['top5']:.3f}  ")
-            + f"{row['images_per_s']:.1f} img/s"
-            + (f"  EMA decay {row['ema_decay']:.4f}" if parts["ema"] is not None else "")
-            + (f"  {out['skipped']} fp16 step(s) skipped" if out["skipped"] else "")
-            + ("  *" if improved else "")
-        )
-        if tracker is not None:
-            tracker.log_metrics(row, step=epoch)
-        if on_epoch_end is not None:
-            on_epoch_end(k, epoch, row)
-        if stop:
-            log(f"fold {k}: no better val log loss for {t.patience} epochs, stopping early")
-            break
-    bad = sorted({i for part in gather_objects(bad) for i in part})
+    return progress
 
-    def finish(best: dict = best) -> dict:
-        # Rank 0 alone: SWA's BatchNorm pass reads every training photo, not rank 0's share.
-        bn_loader = train_loader if world == 1 else make_loader(
-            train_ds, bs, cfg.data.num_workers, shuffle=True, seed=t.seed * 1009 + k, pin_memory=pin)
-        if full:
-            return finish_full(parts, cfg, fp, bn_loader, history, plan, classes, len(tr_idx), device, log)
-        best = final_candidates(parts, cfg, fp, bn_loader, val_loader, val_labels, history, best, classes, device,
-                                log)
-        best["sha256"] = checked_best_sha256(fp, best)  # before anything reads it again
-        for row in history:
-            row["chosen"] = "*" if (row["epoch"], row.get("weights", primary)) == (best["epoch"], best["weights"]) \
-                else ""
-        _write_metrics(fp.metrics, history)
-        if bad:
-            log(f"{fold_name(k)}: {len(bad)} photo(s) failed to decode during training (see skipped.csv)")
-            rd.update_skipped({str(ts.paths[i]): "failed to decode during training" for i in bad})
-        eval_size, size_scores, loader = choose_eval_size(
-            cfg, fp, val_ds, val_loader, val_labels, size, len(classes), device, log
-        )
-        return write_oof(cfg, fp, loader, va_idx, data, device, best, eval_size, size_scores)
 
-    barrier()  # every rank has finished training before rank 0 alone scores and writes
-    return on_main(finish)
+def _validate(fold: Fold, bad: list[int]) -> dict[str, float]:
+    """The per-epoch validation figures of the weights scored every epoch (NaN for the full-data fit, which has no
+    validation photos: the folds chose its epochs and weights); photos that failed to decode are added to ``bad``."""
+    if fold.full:
+        return {"log_loss": math.nan, "accuracy": math.nan, "top5": math.nan}
+    parts = fold.parts
+    logits, order, ok = _gather_logits(infer_logits(
+        parts.eval_model(), fold.val_shard, fold.device, parts.normalize, amp=parts.amp,
+        channels_last=fold.cfg.train.channels_last,
+    ))
+    bad.extend(int(fold.va_idx[i]) for i in order[~ok])
+    return score(softmax(logits[ok]), fold.val_labels[order[ok]])
+
+
+def train_epoch(fold: Fold, progress: Progress, epoch: int) -> dict:
+    """Train and validate ``epoch``; its metrics.csv row. Seeded from (seed, fold, epoch, rank) alone, so a resumed
+    fold draws the same Mixup, erasing and dropout."""
+    cfg, parts, t, k, loader = fold.cfg, fold.parts, fold.cfg.train, fold.k, fold.train_loader
+    seed_everything(t.seed * 1_000_003 + k * 1009 + epoch + fold.rank * 7919)  # Mixup, erasing, dropout here
+    loader.sampler.set_epoch(epoch)
+    schedule = fold.schedule
+    epoch_size = schedule[max(e for e in schedule if e <= epoch)] if schedule else fold.size
+    loader.sampler.set_size(epoch_size if schedule else 0)
+    switches = set_epoch_switches(parts, cfg, epoch)
+    out = train_one_epoch(parts, loader, cfg, fold.device, progress.step, epoch,
+                          desc=f"{fold_name(k)} epoch {epoch + 1}/{t.epochs}")
+    progress.step = step = out["step"]
+    update_swa(parts, t.swa_start_epoch, epoch)
+    progress.bad.extend(int(fold.tr_idx[i]) for i in out["bad"])
+    s = _validate(fold, progress.bad)
+    if fold.world > 1:
+        out = _reduce_epoch(out)
+    return {
+        "epoch": epoch, "step": step, "train_loss": out["loss"], "val_log_loss": s["log_loss"],
+        "val_accuracy": s["accuracy"], "val_top5": s["top5"],
+        "lr": max(g["lr"] for g in parts.optimizer.param_groups),  # the head's, with layer decay
+        "ema_decay": parts.ema.get_decay(step) if parts.ema is not None else math.nan,
+        "skipped_steps": out["skipped"], **switches, "train_size": epoch_size,
+        "images_per_s": len(loader) * fold.bs * fold.world / out["seconds"],
+        "data_wait": out["wait"] / out["seconds"], "seconds": out["seconds"], "weights": parts.primary,
+    }
+
+
+def record_epoch(fold: Fold, progress: Progress, row: dict) -> tuple[bool, bool]:
+    """Add the epoch's ``row`` to the history; on rank 0 write best.pt (when it improved), metrics.csv and last.pt.
+    Whether it improved, and whether ``train.patience`` stops the fold after it."""
+    parts, t, epoch, val_log_loss = fold.parts, fold.cfg.train, row["epoch"], row["val_log_loss"]
+    progress.history.append(row)
+    improved = val_log_loss < progress.best["val_log_loss"]
+    if improved:
+        progress.best = {"val_log_loss": val_log_loss, "epoch": epoch, "weights": parts.primary}
+        progress.since_best = 0
+        if fold.rank == 0:
+            progress.best["sha256"] = fold.save_best(parts.eval_model(), epoch, parts.primary, val_log_loss)
+    else:
+        progress.since_best += 1
+    stop = bool(t.patience) and progress.since_best >= t.patience
+    if fold.rank == 0:
+        write_metrics(fold.fp.metrics, progress.history)
+        write_last(fold.fp.last, progress.last_state(parts, epoch, fold.cfg, stop, fold.plan))
+    return improved, stop
+
+
+def _epoch_line(fold: Fold, row: dict, improved: bool) -> str:
+    return (
+        f"{fold_name(fold.k)} epoch {row['epoch'] + 1}/{fold.n_epochs}: loss {row['train_loss']:.4f}  "
+        + ("" if fold.full else f"val log loss {row['val_log_loss']:.4f}  acc {row['val_accuracy']:.3f}  "
+           f"top5 {row['val_top5']:.3f}  ")
+        + f"{row['images_per_s']:.1f} img/s"
+        + (f"  EMA decay {row['ema_decay']:.4f}" if fold.parts.ema is not None else "")
+        + (f"  {row['skipped_steps']} fp16 step(s) skipped" if row["skipped_steps"] else "")
+        + ("  *" if improved else "")
+    )
+
+
+def finish_fold(fold: Fold, progress: Progress, log: Callable[[str], None]) -> dict:
+    """On rank 0, after the last epoch: the final best.pt (the best epoch, or a better final candidate), metrics.csv
+    with the chosen row marked, the input size to predict at, then summary.json and oof.npz; returns the summary."""
+    cfg, t, fp = fold.cfg, fold.cfg.train, fold.fp
+    # Rank 0 alone: SWA's BatchNorm pass reads every training photo, not rank 0's share.
+    bn_loader = fold.train_loader if fold.world == 1 else make_loader(
+        fold.train_ds, fold.bs, cfg.data.num_workers, shuffle=True, seed=t.seed * 1009 + fold.k, pin_memory=fold.pin)
+    history = progress.history
+    if fold.full:
+        return finish_full(fold, history, bn_loader, log)
+    best = final_candidates(fold, bn_loader, history, progress.best, log)
+    best["sha256"] = checked_best_sha256(fp, best)  # before anything reads it again
+    primary = fold.parts.primary
+    for row in history:
+        row["chosen"] = "*" if (row["epoch"], row.get("weights", primary)) == (best["epoch"], best["weights"]) else ""
+    write_metrics(fp.metrics, history)
+    if progress.bad:
+        log(f"{fold_name(fold.k)}: {len(progress.bad)} photo(s) failed to decode during training (see skipped.csv)")
+        paths = fold.data.trainset.paths
+        fold.rd.update_skipped({str(paths[i]): "failed to decode during training" for i in progress.bad})
+    eval_size, size_scores, loader = choose_eval_size(fold, log)
+    return write_oof(fold, loader, best, eval_size, size_scores)
 
 
 def _gather_logits(part: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -647,124 +568,15 @@ def _reduce_epoch(out: dict) -> dict:
     return {**out, "loss": loss, "skipped": sum(p["skipped"] for p in parts)}
 
 
-def choose_eval_size(
-    cfg: Config, fp: FoldPaths, val_ds: ImageDataset, val_loader: DataLoader, val_labels: np.ndarray, size: int,
-    n_classes: int, device: torch.device, log: Callable[[str], None],
-) -> tuple[int, dict[int, float], DataLoader]:
-    """Score ``best.pt`` on the validation fold at the training size and at every ``predict.eval_sizes`` (with the
-    Predictor's TTA); return the size with the lowest log loss, every size's log loss, and a loader at that size.
-    Networks trained on random crops often do better on larger photos (the train/test resolution discrepancy)."""
-    sizes = [size] + [s for s in parse_sizes(cfg.predict.eval_sizes) if s != size]
-    if len(sizes) == 1:
-        return size, {}, val_loader
-    model = load_fold_model(cfg, fp.best, n_classes, device)
-    scores: dict[int, float] = {}
-    loaders: dict[int, DataLoader] = {}
-    for s in sizes:
-        dcfg = data_config_for(cfg, s)
-        ds = ImageDataset(val_ds.sources, val_ds.labels, eval_transform(dcfg), s, cfg.data.draft_factor,
-                          max_pixels=cfg.data.max_pixels)
-        loaders[s] = val_loader if s == size else make_loader(ds, cfg.predict.batch_size, cfg.data.num_workers)
-        logits, order, ok = infer_logits(
-            model, loaders[s], device, batch_normalize(dcfg), policy_views(cfg.predict),
-            amp=amp_dtype(cfg.train.amp, device), channels_last=cfg.train.channels_last,
-        )
-        scores[s] = score(softmax(logits[ok]), val_labels[order[ok]])["log_loss"]
-    chosen = min(scores, key=scores.get)
-    log(f"fold {fp.k}: validation log loss by input size: "
-        + ", ".join(f"{s}px {v:.4f}" + (" *" if s == chosen else "") for s, v in scores.items()))
-    return chosen, scores, loaders[chosen]
-
-
-def final_candidates(
-    parts: dict, cfg: Config, fp: FoldPaths, train_loader: DataLoader, val_loader: DataLoader,
-    val_labels: np.ndarray, history: list[dict], best: dict, classes: list[str], device: torch.device,
-    log: Callable[[str], None],
-) -> dict:
-    """Score the weights beside the per-epoch ones once training ends: the raw weights (when the epochs were scored
-    with the EMA) and the SWA average (BatchNorm statistics recomputed on the training photos). Whichever has the
-    lowest validation log loss, the best epoch's weights included, becomes ``best.pt``; each gets a row in
-    metrics.csv (``weights``) and the chosen one is marked (``chosen``)."""
-    last_epoch = history[-1]["epoch"] if history else -1
-    candidates = []
-    if parts["ema"] is not None:
-        candidates.append(("raw", parts["model"]))
-    swa = parts["swa"]
-    if swa is not None and int(swa.n_averaged) > 0:
-        candidates.append(("swa", swa_model(parts, cfg, fp, train_loader, device)))
-    for name, model in candidates:
-        logits, order, ok = infer_logits(model, val_loader, device, parts["normalize"], amp=parts["amp"],
-                                         channels_last=cfg.train.channels_last)
-        s = score(softmax(logits[ok]), val_labels[order[ok]])
-        history.append({"epoch": last_epoch, "step": history[-1]["step"] if history else 0, "val_log_loss":
-                        s["log_loss"], "val_accuracy": s["accuracy"], "val_top5": s["top5"], "weights": name})
-        better = s["log_loss"] < best["val_log_loss"]
-        log(f"fold {fp.k}: {name} weights after the last epoch: val log loss {s['log_loss']:.4f}  acc "
-            f"{s['accuracy']:.3f}" + ("  * (best)" if better else ""))
-        if better:
-            best = {"val_log_loss": s["log_loss"], "epoch": last_epoch, "weights": name}
-            best["sha256"] = save_best(model, {"epoch": last_epoch, "weights": name, "val_log_loss": s["log_loss"]},
-                                       cfg, classes, fp)
-    return best
-
-
-def swa_model(parts: dict, cfg: Config, fp: FoldPaths, train_loader: DataLoader, device: torch.device) -> nn.Module:
-    """The SWA average with its BatchNorm statistics recomputed on one more augmented pass over the training photos
-    (at the size it is scored and predicted at)."""
-    from torch.optim.swa_utils import update_bn
-
-    swa = parts["swa"]
-    train_loader.sampler.set_epoch(cfg.train.epochs)  # one more augmented pass, seeded like an epoch
-    train_loader.sampler.set_size(0)  # at the size SWA is scored and predicted at, resumed or not
-    seed_everything(cfg.train.seed * 1_000_003 + fp.k * 1009 + cfg.train.epochs)
-    cl = cfg.train.channels_last
-
-    def inputs():
-        for x, *_ in train_loader:
-            x = parts["normalize"](x.to(device, non_blocking=True))
-            yield x.contiguous(memory_format=torch.channels_last) if cl else x
-
-    with torch.no_grad():
-        update_bn(inputs(), swa.module)
-    return swa.module
-
-
-def finish_full(
-    parts: dict, cfg: Config, fp: FoldPaths, train_loader: DataLoader, history: list[dict], plan: dict,
-    classes: list[str], n_train: int, device: torch.device, log: Callable[[str], None],
-) -> dict:
-    """The full-data fit's ``best.pt``: the weights kind the folds chose (SWA, EMA or raw) after the planned epochs;
-    then ``summary.json``, which marks the fit complete."""
-    weights = plan["weights"]
-    if weights == "swa" and parts["swa"] is not None and int(parts["swa"].n_averaged) > 0:
-        model = swa_model(parts, cfg, fp, train_loader, device)
-    elif weights == "ema" and parts["ema"] is not None:
-        model = parts["ema"].module
-    else:
-        model, weights = parts["model"], "raw"
-    last_epoch = history[-1]["epoch"] if history else -1
-    sha256 = save_best(model, {"epoch": last_epoch, "weights": weights, "val_log_loss": math.nan}, cfg, classes, fp)
-    for row in history:
-        row["weights"], row["chosen"] = weights, "*" if row["epoch"] == last_epoch else ""
-    _write_metrics(fp.metrics, history)
-    summary = {"fold": "full", "epochs": plan["epochs"], "best_epoch": last_epoch, "best_weights": weights,
-               "eval_size": plan["eval_size"], "chosen_by": plan["source"], "fold_weights": plan["fold_weights"],
-               "n_train": n_train, "lr_effective": effective_lr(cfg), "versions": versions(), "best_sha256": sha256}
-    atomic_write_text(fp.summary, json.dumps(summary, indent=1))  # last: marks the full-data fit complete
-    log(f"full-data fit: {n_train} photos, {plan['epochs']} epoch(s), {weights} weights saved to {fp.best}")
-    return summary
-
-
-def write_oof(
-    cfg: Config, fp: FoldPaths, val_loader: DataLoader, va_idx: np.ndarray, data: RunData, device: torch.device,
-    best: dict, eval_size: int = 0, size_scores: dict[int, float] | None = None,
-) -> dict:
+def write_oof(fold: Fold, val_loader: DataLoader, best: dict, eval_size: int = 0,
+              size_scores: dict[int, float] | None = None) -> dict:
     """Out-of-fold logits of the best checkpoint, with the same TTA the Predictor uses, into oof.npz.
 
     Besides the model's labels it keeps each photo's path and its original (pre-merge) label, so evaluation can
     score in the submission's columns too; the logits of every view in ``predict.oof_views`` (float16,
     ``view_logits`` with names in ``views``), so the ensemble step can measure TTA policies on out-of-fold photos;
     and (``predict.oof_features``) the penultimate features of the first view, for the report's embedding map."""
+    cfg, fp, data, device = fold.cfg, fold.fp, fold.data, fold.device
     model = load_fold_model(cfg, fp.best, len(data.classes), device)
     policy = policy_views(cfg.predict)
     views = list(dict.fromkeys(policy + parse_policy(cfg.predict.oof_views)))
@@ -777,7 +589,7 @@ def write_oof(
     keep = by_index[ok[by_index]]
     view_logits = view_logits[:, keep]
     logits = view_logits[[views.index(v) for v in policy]].mean(0)
-    idx = np.asarray(va_idx)[order[keep]]
+    idx = np.asarray(fold.va_idx)[order[keep]]
     labels = data.labels[idx]
     rel = np.array(data.trainset.relpaths(), dtype=object)[idx]
     s = score(softmax(logits), labels)
@@ -793,3 +605,4 @@ def write_oof(
         view_logits=view_logits.astype(np.float16), views=np.array(views), **extra,
     )
     return summary
+
