@@ -15,6 +15,7 @@ from sklearn.metrics import accuracy_score, log_loss, top_k_accuracy_score
 from carclf.analyze import report_stats as st
 from carclf.artifacts.oof import OofSet
 from carclf.data.merges import identity, read_merges
+from carclf.errors import CarclfError
 from carclf.metrics import softmax
 
 LOOKALIKE = (2, 5)  # two classes the synthetic model cannot tell apart, and whose features share one centre
@@ -81,6 +82,31 @@ def test_headline_scores_equal_scikit_learn():
         assert r["log_loss_submitted"] == pytest.approx(r["log_loss"], rel=1e-9)
     cal0 = next(r for r in rows if r["fold"] == "0" and r["probs"] == "calibrated")
     assert cal0["temperature"] == 1.1
+
+
+def test_headline_refuses_probabilities_with_nan():
+    """What predict refuses to write (NaN, infinity) the report refuses to score, naming the cause."""
+    oof, _ = synthetic_oof()
+    broken = oof.probs.copy()
+    broken[3, 0] = np.nan
+    with pytest.raises(CarclfError, match="NaN or infinity"):
+        st.headline_rows(oof.probs_raw, broken, oof.labels, oof.original_labels, oof.folds, oof.merge, oof.eps,
+                         oof.temperatures)
+
+
+def test_plot_aliases_come_from_prepares_classes_csv(tmp_path):
+    from carclf.analyze.report_plots import read_aliases
+    from carclf.data.names import class_aliases, write_classes_csv
+
+    names = ["그랜저_6세대", "싼타페_TM"]
+    path = tmp_path / "classes.csv"
+    write_classes_csv(path, names)
+    text = path.read_text(encoding="utf-8").replace(class_aliases(names)[names[0]], "grandeur_six")
+    path.write_text(text, encoding="utf-8")  # an alias a person edited is what the plots show
+    assert read_aliases(path, names) == {names[0]: "grandeur_six", names[1]: class_aliases(names)[names[1]]}
+    path.write_bytes(b"index,name,alias\nx,\xff\xfe,bad\n")  # damaged: the aliases made by the same rule
+    assert read_aliases(path, names) == class_aliases(names)
+    assert read_aliases(None, names) == class_aliases(names)
 
 
 def test_log_loss_shares_add_up_and_bins_count_every_photo():

@@ -72,9 +72,14 @@ def clip(p: np.ndarray, eps: float) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------------- scores
+def row_nll(p: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each row's negative log-likelihood of its true class (floored at 1e-15 like the competition's scorer)."""
+    return -np.log(np.maximum(p[np.arange(len(labels)), labels], SCORER_EPS))
+
+
 def nll(p: np.ndarray, labels: np.ndarray) -> float:
     """Mean negative log-likelihood of the true class (floored at 1e-15 like the competition's scorer)."""
-    return float(-np.mean(np.log(np.maximum(p[np.arange(len(labels)), labels], SCORER_EPS))))
+    return float(np.mean(row_nll(p, labels)))
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:

@@ -19,17 +19,21 @@ import io
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from carclf.analyze import report_stats as st
 from carclf.analyze.prepare_report import _CSS
 from carclf.analyze.report_features import compute_features, tsne_map
+from carclf.artifacts.ensemble import is_ensemble_dir
+from carclf.artifacts.metrics_csv import read_metrics
 from carclf.artifacts.oof import OofSet, load_oof
 from carclf.artifacts.report import REPORT_FEATURE_CACHE as FEATURE_CACHE
-from carclf.artifacts.report import REPORT_FOLDER
+from carclf.artifacts.report import REPORT_FOLDER, report_dir
 from carclf.artifacts.report import REPORT_PLOTS as PLOTS
 from carclf.data.scan import DataDisk
 from carclf.errors import CarclfError
@@ -133,8 +137,7 @@ def read_curves(run: Path) -> list[tuple[str, list[dict]]]:
         path = rd.fold(k).metrics
         if not path.is_file():
             continue
-        with open(path, encoding="utf-8", newline="") as fh:
-            rows = list(csv.DictReader(fh))
+        rows = read_metrics(path)
         if not rows:
             continue
         primary = rows[0].get("weights")
@@ -241,27 +244,95 @@ class _Names:
 # ------------------------------------------------------------------------------------------------ the report
 
 
+@dataclass
+class _Inputs:
+    """What the report reads: the out-of-fold rows, the runs behind them and how classes are named."""
+
+    source: Path  # as given on the command line (confusable.yaml names it)
+    oof: OofSet
+    out: Path
+    runs: list[Path]
+    runs_note: str  # why the runs' learning curves cannot be drawn ("" when they can)
+    data_root: Path | None
+    font: str | None
+    pnames: Any  # report_plots.PlotNames (matplotlib is imported lazily)
+    names: _Names
+
+
+@dataclass
+class _Figures:
+    """Everything the page, the plots and the files show, computed from the out-of-fold rows."""
+
+    rows: list[dict]
+    raw_bins: list[dict]
+    cal_bins: list[dict]
+    classes_rows: list[dict]
+    pairs: list[dict]
+    cgroups: st.Groups
+    issues: np.ndarray
+    issue_method: str
+    suggested: np.ndarray
+    features: np.ndarray | None = None
+    feat_note: str = ""
+    fgroups: st.Groups | None = None
+    xy: np.ndarray | None = None  # the t-SNE map of the rows ``xy_rows``
+    xy_rows: np.ndarray | None = None
+
+
+class _Clock:
+    """Seconds per step of the report (report.json's ``timings_s``)."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.timings: dict[str, float] = {}
+
+    def lap(self, step: str) -> None:
+        now = time.perf_counter()
+        self.timings[step], self.last = now - self.last, now
+
+    def total(self) -> float:
+        self.timings["total"] = time.perf_counter() - self.start
+        return self.timings["total"]
+
+
 def write_report(source: Path | str, out_dir: Path | str | None = None, overwrite: bool = False,
                  device: str = "auto", log: Callable[[str], None] = print) -> Path:
     """Write the error-analysis report of a run or an ensemble folder; returns the path of report.html."""
-    from carclf.analyze.report_plots import (
-        PlotNames,
-        find_hangul_font,
-        plot_calibration,
-        plot_curves,
-        plot_embedding,
-        plot_worst_classes,
-        read_aliases,
-    )
+    clock = _Clock()
+    inp = _load(Path(source), out_dir, overwrite)
+    clock.lap("load")
+    fig = _scores(inp.oof)
+    clock.lap("scores")
+    fig.features, fig.feat_note = _features(inp, device, log)
+    clock.lap("features")
+    _maps(fig, inp.oof.labels, len(inp.oof.classes))
+    clock.lap("tsne")
+    has_curves = _plots(inp, fig)
+    clock.lap("plots")
+    issue_rows = _write_files(inp, fig)
+    clock.lap("files")
+    thumbs = Thumbs(inp.out / "thumbs", inp.data_root)
+    sections = _sections(inp, fig, has_curves, issue_rows, thumbs)
+    clock.lap("page")
+    seconds = clock.total()
+    summary = _summary(inp, fig, issue_rows, len(thumbs.missing), clock.timings)
+    atomic_write_text(inp.out / "report.json", json.dumps(summary, ensure_ascii=False, indent=1,
+                                                          default=_json_default))
+    atomic_write_text(inp.out / "report.html", _page(inp.oof, sections, seconds))  # last: marks a finished report
+    log(f"report: {len(inp.oof)} photos, {len(inp.oof.classes)} classes, {len(fig.cgroups.groups)} confusable "
+        f"group(s), {len(issue_rows)} likely label error(s), {seconds:.1f} s")
+    return inp.out / "report.html"
+
+
+def _load(source: Path, out_dir: Path | str | None, overwrite: bool) -> _Inputs:
+    """Read the out-of-fold rows, make the report folder, find the runs, the photos and the class aliases."""
+    from carclf.analyze.report_plots import PlotNames, find_hangul_font, read_aliases
     from carclf.artifacts.run import RunDir
 
-    t0 = time.perf_counter()
-    timings: dict[str, float] = {}
-    source = Path(source)
     if not source.is_dir():
         raise CarclfError(f"'{source}' is not a folder: give a run directory (runs/<name>) or an ensemble folder")
     oof = load_oof(source)
-    out = Path(out_dir) if out_dir else Path(oof.source) / "report"
+    out = Path(out_dir) if out_dir else report_dir(oof.source)
     prepare_out(out, overwrite)
     runs, runs_note = member_runs(Path(oof.source))
     cfg = RunDir.open(runs[0]).read_config() if runs else None
@@ -273,112 +344,127 @@ def write_report(source: Path | str, out_dir: Path | str | None = None, overwrit
         classes_csv = prepare_dir(cfg) / "classes.csv"
     aliases = read_aliases(classes_csv, oof.merge.original)
     font = find_hangul_font()
-    pnames = PlotNames(oof.classes, aliases, font)
-    names = _Names(oof, aliases)
-    n_classes = len(oof.classes)
-    labels, probs, eps = oof.labels, oof.probs, oof.eps
-    timings["load"] = time.perf_counter() - t0
+    return _Inputs(source, oof, out, runs, runs_note, data_root, font, PlotNames(oof.classes, aliases, font),
+                   _Names(oof, aliases))
 
-    # Scores and tables.
-    t = time.perf_counter()
-    rows = st.headline_rows(oof.probs_raw, probs, labels, oof.original_labels, oof.folds, oof.merge, eps,
-                            oof.temperatures)
-    raw_bins = st.confidence_bins(oof.probs_raw, labels, eps)
-    cal_bins = st.confidence_bins(probs, labels, eps)
-    classes_rows = st.worst_first(st.per_class(probs, labels, n_classes, eps))
-    pairs = st.confused_pairs(probs, labels, n_classes, TOP_PAIRS)
-    cgroups = st.confusion_groups(probs, labels, n_classes)
+
+def _scores(oof: OofSet) -> _Figures:
+    """The scores and tables (report_stats) of the out-of-fold rows."""
+    labels, probs, eps, n_classes = oof.labels, oof.probs, oof.eps, len(oof.classes)
     issues, issue_method = st.find_label_issues(probs, labels)
-    suggested = st.suggested_labels(probs, labels)
-    timings["scores"] = time.perf_counter() - t
+    return _Figures(
+        rows=st.headline_rows(oof.probs_raw, probs, labels, oof.original_labels, oof.folds, oof.merge, eps,
+                              oof.temperatures),
+        raw_bins=st.confidence_bins(oof.probs_raw, labels, eps), cal_bins=st.confidence_bins(probs, labels, eps),
+        classes_rows=st.worst_first(st.per_class(probs, labels, n_classes, eps)),
+        pairs=st.confused_pairs(probs, labels, n_classes, TOP_PAIRS),
+        cgroups=st.confusion_groups(probs, labels, n_classes),
+        issues=issues, issue_method=issue_method, suggested=st.suggested_labels(probs, labels),
+    )
 
-    # Features: stored with the OOF rows, or computed once from the fold models and cached.
-    t = time.perf_counter()
-    features, feat_note = oof.features, "stored with the out-of-fold predictions"
-    if features is None:
-        if (Path(oof.source) / "ensemble.yaml").is_file():
-            feat_note = "not stored by every member run, and an ensemble has no single feature space: map skipped"
-        elif data_root is None or not data_root.is_dir():
-            feat_note = f"not stored (the run predates them) and the photos are not at data.root '{data_root}'"
-        else:
-            cache = out / FEATURE_CACHE
-            features, n_bad = compute_features(Path(oof.source), oof, data_root, cache, device, log)
-            feat_note = (f"computed from the fold models (the run predates stored features) and cached in "
-                         f"{FEATURE_CACHE}" + (f"; {n_bad} photo(s) could not be read" if n_bad else ""))
-            if n_bad == len(oof):
-                features, feat_note = None, f"not stored, and none of the photos could be read under '{data_root}'"
-    timings["features"] = time.perf_counter() - t
-    t = time.perf_counter()
-    fgroups = st.feature_groups(features, labels, n_classes) if features is not None else None
-    xy = xy_rows = None
-    if features is not None and np.isfinite(features).all(axis=1).sum() >= 5:
-        xy, xy_rows = tsne_map(features, labels)
-    timings["tsne"] = time.perf_counter() - t
 
-    # Plots.
-    t = time.perf_counter()
+def _features(inp: _Inputs, device: str, log: Callable[[str], None]) -> tuple[np.ndarray | None, str]:
+    """(penultimate features, a note on where they come from): stored with the OOF rows, or computed once from the
+    fold models and cached."""
+    oof, data_root = inp.oof, inp.data_root
+    if oof.features is not None:
+        return oof.features, "stored with the out-of-fold predictions"
+    if is_ensemble_dir(oof.source):
+        return None, "not stored by every member run, and an ensemble has no single feature space: map skipped"
+    if data_root is None or not data_root.is_dir():
+        return None, f"not stored (the run predates them) and the photos are not at data.root '{data_root}'"
+    features, n_bad = compute_features(Path(oof.source), oof, data_root, inp.out / FEATURE_CACHE, device, log)
+    if n_bad == len(oof):
+        return None, f"not stored, and none of the photos could be read under '{data_root}'"
+    return features, (f"computed from the fold models (the run predates stored features) and cached in "
+                      f"{FEATURE_CACHE}" + (f"; {n_bad} photo(s) could not be read" if n_bad else ""))
+
+
+def _maps(fig: _Figures, labels: np.ndarray, n_classes: int) -> None:
+    """The feature groups and the t-SNE map, where there are features (and enough photos for a map)."""
+    if fig.features is None:
+        return
+    fig.fgroups = st.feature_groups(fig.features, labels, n_classes)
+    if np.isfinite(fig.features).all(axis=1).sum() >= 5:
+        fig.xy, fig.xy_rows = tsne_map(fig.features, labels)
+
+
+def _plots(inp: _Inputs, fig: _Figures) -> bool:
+    """Draw the PNG plots beside the page; whether there were learning curves to draw."""
+    from carclf.analyze.report_plots import plot_calibration, plot_curves, plot_embedding, plot_worst_classes
+
+    out, labels = inp.out, inp.oof.labels
     curves = []
-    for r in runs:
-        curves += read_curves(r) if len(runs) == 1 else [(f"{r.name} {n}", c) for n, c in read_curves(r)]
+    for r in inp.runs:
+        curves += read_curves(r) if len(inp.runs) == 1 else [(f"{r.name} {n}", c) for n, c in read_curves(r)]
     has_curves = plot_curves(curves, out / PLOTS["curves"])
-    plot_calibration(raw_bins, cal_bins, out / PLOTS["calibration"])
-    plot_worst_classes(classes_rows, pnames, out / PLOTS["worst"], WORST)
-    wrong = probs.argmax(axis=1) != labels
-    if xy is not None:
-        plot_embedding(xy, labels[xy_rows], wrong[xy_rows], cgroups, pnames, out / PLOTS["embedding"])
-    timings["plots"] = time.perf_counter() - t
+    plot_calibration(fig.raw_bins, fig.cal_bins, out / PLOTS["calibration"])
+    plot_worst_classes(fig.classes_rows, inp.pnames, out / PLOTS["worst"], WORST)
+    if fig.xy is not None:
+        wrong = inp.oof.probs.argmax(axis=1) != labels
+        plot_embedding(fig.xy, labels[fig.xy_rows], wrong[fig.xy_rows], fig.cgroups, inp.pnames,
+                       out / PLOTS["embedding"])
+    return has_curves
 
-    # Files a person acts on.
-    per_class_csv(out / "per_class.csv", classes_rows, names)
-    issue_rows = label_issue_rows(oof, issues, suggested, data_root)
-    write_issues_csv(out / "label_issues.csv", issue_rows)
-    write_confusable(out / "confusable.yaml", oof, cgroups, fgroups, features, str(source))
 
-    # The page.
-    t = time.perf_counter()
-    thumbs = Thumbs(out / "thumbs", data_root)
+def _write_files(inp: _Inputs, fig: _Figures) -> list[dict]:
+    """The files a person acts on (per_class.csv, label_issues.csv, confusable.yaml); the label-issue rows."""
+    per_class_csv(inp.out / "per_class.csv", fig.classes_rows, inp.names)
+    issue_rows = label_issue_rows(inp.oof, fig.issues, fig.suggested, inp.data_root)
+    write_issues_csv(inp.out / "label_issues.csv", issue_rows)
+    write_confusable(inp.out / "confusable.yaml", inp.oof, fig.cgroups, fig.fgroups, fig.features, str(inp.source))
+    return issue_rows
+
+
+def _sections(inp: _Inputs, fig: _Figures, has_curves: bool, issue_rows: list[dict], thumbs: Thumbs) -> list[str]:
+    """The page's sections, in order (drawing the thumbnails they show)."""
+    oof, data_root, names = inp.oof, inp.data_root, inp.names
     photo_note = ""
     if data_root is None or not data_root.is_dir():
         photo_note = (f"<p class='flag'>The photos are not at data.root '{_e(data_root)}' any more: thumbnails are "
                       "left out.</p>")
-    ctx = {"oof": oof, "names": names, "thumbs": thumbs, "labels": labels, "probs": probs}
+    ctx = {"oof": oof, "names": names, "thumbs": thumbs, "labels": oof.labels, "probs": oof.probs}
     sections = [
-        _headline_html(oof, rows, runs_note, has_curves, feat_note, issue_method, font, pnames),
-        _calibration_html(cal_bins),
-        _classes_html(classes_rows, names),
-        _pairs_html(pairs, ctx, photo_note),
-        _embedding_html(xy is not None, feat_note, cgroups),
-        _groups_html(cgroups, fgroups, probs, labels, names, features),
-        _issues_html(issue_rows, issue_method, ctx, photo_note),
+        _headline_html(oof, fig.rows, inp.runs_note, has_curves, fig.feat_note, fig.issue_method, inp.font,
+                       inp.pnames),
+        _calibration_html(fig.cal_bins),
+        _classes_html(fig.classes_rows, names),
+        _pairs_html(fig.pairs, ctx, photo_note),
+        _embedding_html(fig.xy is not None, fig.feat_note, fig.cgroups),
+        _groups_html(fig.cgroups, fig.fgroups, oof.probs, oof.labels, names, fig.features),
+        _issues_html(issue_rows, fig.issue_method, ctx, photo_note),
     ]
     if thumbs.missing:
         sections.insert(1, f"<p class='flag'>{len(thumbs.missing)} photo(s) could not be read under "
                            f"'{_e(data_root)}' (moved or deleted since training): shown as 'photo not found'.</p>")
-    timings["page"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t0
+    return sections
+
+
+def _page(oof: OofSet, sections: list[str], seconds: float) -> str:
     title = f"carclf report: {Path(oof.source).name}"
     nav = "".join(f"<a href='#{k}'>{v}</a>" for k, v in (
         ("headline", "Headline"), ("calibration", "Calibration"), ("classes", "Classes"), ("pairs", "Confused pairs"),
         ("embedding", "Embedding map"), ("groups", "Confusable groups"), ("label-issues", "Likely label errors")))
-    page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
             f"<link rel='icon' href='data:,'><style>{_CSS}{_EXTRA_CSS}</style></head><body>"
             f"<h1>{_e(title)}</h1><nav>{nav}</nav>{''.join(sections)}"
-            f"<p class='note'>Written {_now()} by carclf in {timings['total']:.1f} s from {_e(oof.source)}.</p>"
+            f"<p class='note'>Written {_now()} by carclf in {seconds:.1f} s from {_e(oof.source)}.</p>"
             f"<script>{_SORT_JS}</script></body></html>\n")
-    summary = {
-        "source": oof.source, "n": len(oof), "classes": n_classes, "headline": rows, "timings_s": timings,
-        "features": feat_note, "label_issue_method": issue_method, "label_issues": len(issue_rows),
-        "plot_font": font, "confusion_groups": _groups_json(cgroups, names),
-        "feature_groups": _groups_json(fgroups, names) if fgroups else None,
-        "group_scores": _group_level(probs, labels, cgroups, fgroups),
-        "confused_pairs": [{**p, "a": names.plain(p["a"]), "b": names.plain(p["b"])} for p in pairs],
-        "top_label_issues": issue_rows[:20], "photos_missing": len(thumbs.missing),
+
+
+def _summary(inp: _Inputs, fig: _Figures, issue_rows: list[dict], photos_missing: int,
+             timings: dict[str, float]) -> dict:
+    """report.json: the headline table, the groups and the first label issues, for scripts."""
+    oof, names = inp.oof, inp.names
+    return {
+        "source": oof.source, "n": len(oof), "classes": len(oof.classes), "headline": fig.rows, "timings_s": timings,
+        "features": fig.feat_note, "label_issue_method": fig.issue_method, "label_issues": len(issue_rows),
+        "plot_font": inp.font, "confusion_groups": _groups_json(fig.cgroups, names),
+        "feature_groups": _groups_json(fig.fgroups, names) if fig.fgroups else None,
+        "group_scores": _group_level(oof.probs, oof.labels, fig.cgroups, fig.fgroups),
+        "confused_pairs": [{**p, "a": names.plain(p["a"]), "b": names.plain(p["b"])} for p in fig.pairs],
+        "top_label_issues": issue_rows[:20], "photos_missing": photos_missing,
     }
-    atomic_write_text(out / "report.json", json.dumps(summary, ensure_ascii=False, indent=1, default=_json_default))
-    atomic_write_text(out / "report.html", page)  # last: its presence marks a finished report
-    log(f"report: {len(oof)} photos, {n_classes} classes, {len(cgroups.groups)} confusable group(s), "
-        f"{len(issue_rows)} likely label error(s), {timings['total']:.1f} s")
-    return out / "report.html"
 
 
 def _json_default(v: object) -> object:
@@ -395,9 +481,8 @@ def _groups_json(g: st.Groups | None, names: _Names) -> list[dict]:
 
 
 def _group_level(probs: np.ndarray, labels: np.ndarray, cg: st.Groups, fg: st.Groups | None) -> dict:
-    fine = {"accuracy": float((probs.argmax(axis=1) == labels).mean()),
-            "log_loss": float(-np.log(st.clip_probs(probs, 1e-15)[np.arange(len(labels)), labels]).mean())}
-    out = {"classes": fine, "confusion_groups": st.group_scores(probs, labels, cg.label)}
+    out = {"classes": st.group_scores(probs, labels, np.arange(probs.shape[1])),  # each class its own group
+           "confusion_groups": st.group_scores(probs, labels, cg.label)}
     if fg is not None:
         out["feature_groups"] = st.group_scores(probs, labels, fg.label)
     return out

@@ -6,9 +6,8 @@ glyphs; otherwise each class's ASCII alias (``classes.csv``), so a plot never sh
 
 from __future__ import annotations
 
-import csv
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -76,15 +75,13 @@ class PlotNames:
 def read_aliases(classes_csv: Path | None, names: list[str]) -> dict[str, str]:
     """{name: ASCII alias} from prepare's ``classes.csv`` where it exists, else made by the same rule
     (carclf.data.names)."""
-    from carclf.data.names import class_aliases
+    from carclf.data.names import class_aliases, read_classes_csv
 
     aliases = class_aliases(names)
     if classes_csv is not None and classes_csv.is_file():
-        try:
-            with open(classes_csv, encoding="utf-8", newline="") as fh:
-                aliases.update({r["name"]: r["alias"] for r in csv.DictReader(fh) if r.get("alias")})
-        except (OSError, KeyError, UnicodeDecodeError):
-            pass  # a damaged classes.csv: the aliases made here are the same rule
+        # A damaged classes.csv (a bad index, not UTF-8): the aliases made here follow the same rule.
+        with suppress(OSError, KeyError, ValueError):
+            aliases.update({name: alias for name, alias in read_classes_csv(classes_csv)[1].items() if alias})
     return aliases
 
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from carclf.data.merges import MergeMap
-from carclf.metrics import expected_calibration_error
+from carclf.errors import CarclfError
+from carclf.metrics import SCORER_EPS, clip, fold_groups, nll, row_nll, score, submitted_log_loss
 
 N_BINS = 15  # confidence bins of the reliability diagram, the histogram and the log-loss shares (as in ECE)
 # Confusable groups by confusion: the symmetrised soft confusion rate s(a, b) = (c_ab + c_ba) / 2, where c_ab is the
@@ -29,32 +30,18 @@ LINKAGE = "average"
 # ------------------------------------------------------------------------------------------------ headline
 
 
-def clip_probs(probs: np.ndarray, eps: float) -> np.ndarray:
-    p = np.clip(probs, eps, 1 - eps)
-    return p / p.sum(axis=1, keepdims=True)
-
-
-def headline(probs: np.ndarray, labels: np.ndarray, eps: float = 1e-15) -> dict[str, float]:
-    """Scores of one set of rows over the model's classes: log loss (clipped to ``eps`` like the submission),
-    accuracy, top-5 accuracy, ECE, mean confidence (top-1 probability), mean entropy (nats) and the mean confidence
-    gap (top-1 minus top-2 probability)."""
-    from sklearn.metrics import accuracy_score, log_loss, top_k_accuracy_score
-
-    n_classes = probs.shape[1]
-    labels = np.asarray(labels)
+def headline(probs: np.ndarray, labels: np.ndarray, eps: float = SCORER_EPS) -> dict[str, float]:
+    """Scores of one set of rows over the model's classes: :func:`carclf.metrics.score` (log loss clipped to ``eps``
+    like the submission, accuracy, top-5 accuracy, ECE), then mean confidence (top-1 probability), mean entropy
+    (nats) and the mean confidence gap (top-1 minus top-2 probability)."""
+    s = score(probs, np.asarray(labels), eps)
     srt = np.sort(probs, axis=1)
     plogp = np.where(probs > 0, probs * np.log(np.where(probs > 0, probs, 1.0)), 0.0)
     return {
-        "n": int(len(labels)),
-        "log_loss": float(log_loss(labels, clip_probs(probs, eps), labels=np.arange(n_classes))),
-        "accuracy": float(accuracy_score(labels, probs.argmax(axis=1))),
-        # With 5 classes or fewer every label is in the top 5 (scikit-learn refuses k >= classes).
-        "top5": 1.0 if n_classes <= 5 else float(top_k_accuracy_score(labels, probs, k=5,
-                                                                      labels=np.arange(n_classes))),
-        "ece": expected_calibration_error(probs, labels, N_BINS),
+        "n": s["n"], "log_loss": s["log_loss"], "accuracy": s["accuracy"], "top5": s["top5"], "ece": s["ece"],
         "confidence": float(srt[:, -1].mean()),
         "entropy": float(-plogp.sum(axis=1).mean()),
-        "gap": float((srt[:, -1] - (srt[:, -2] if n_classes > 1 else 0.0)).mean()),
+        "gap": float((srt[:, -1] - (srt[:, -2] if probs.shape[1] > 1 else 0.0)).mean()),
     }
 
 
@@ -62,40 +49,36 @@ def headline_rows(probs_raw: np.ndarray, probs: np.ndarray, labels: np.ndarray, 
                   folds: np.ndarray, merge: MergeMap, eps: float, temperatures: dict[int, float]) -> list[dict]:
     """Per fold and over all rows, raw and calibrated: :func:`headline` plus ``log_loss_submitted``, the log loss
     once the probabilities are what ``predict`` writes (the original columns, merged classes shared out, clipped to
-    ``eps``) against each photo's folder label: the figure the competition scores."""
-    from carclf.infer.submission import finalize
-
+    ``eps``) against each photo's folder label: the figure the competition scores (and ``carclf evaluate``'s)."""
+    for p in (probs_raw, probs):
+        if not np.isfinite(p).all():  # what predict refuses to write, the report refuses to score
+            raise CarclfError("out-of-fold predictions contain NaN or infinity: the model or its calibration is "
+                              "broken")
     rows = []
-    groups = [(str(k), folds == k) for k in sorted(set(folds.tolist()))]
-    if len(groups) > 1 or not groups:
-        groups.append(("all", np.ones(len(labels), dtype=bool)))
-    for name, m in groups:
+    for name, m in fold_groups(folds):
+        if not m.any():
+            continue
         for kind, p in (("raw", probs_raw), ("calibrated", probs)):
-            if not m.any():
-                continue
-            row = {"fold": name, "probs": kind}
             t = 1.0 if kind == "raw" else temperatures.get(int(name), temperatures.get(-1)) if name != "all" else None
-            row["temperature"] = t
-            row.update(headline(p[m], labels[m], eps))
-            sub = finalize(merge.expand(p[m]), eps)
-            row["log_loss_submitted"] = float(-np.log(sub[np.arange(m.sum()), original[m]]).mean())
-            rows.append(row)
+            rows.append({"fold": name, "probs": kind, "temperature": t, **headline(p[m], labels[m], eps),
+                         "log_loss_submitted": submitted_log_loss(p[m], original[m], merge.expand, eps)})
     return rows
 
 
 # ------------------------------------------------------------------------------------------------ calibration
 
 
-def confidence_bins(probs: np.ndarray, labels: np.ndarray, eps: float = 1e-15, n_bins: int = N_BINS) -> list[dict]:
+def confidence_bins(probs: np.ndarray, labels: np.ndarray, eps: float = SCORER_EPS,
+                    n_bins: int = N_BINS) -> list[dict]:
     """Equal-width top-1 confidence bins: count, mean confidence, accuracy, and the share of the total log loss
     that the bin's photos contribute (where the loss comes from: a few confident mistakes, or many hesitant
     rows)."""
     conf = probs.max(axis=1)
     correct = probs.argmax(axis=1) == labels
-    nll = -np.log(clip_probs(probs, eps)[np.arange(len(labels)), labels])
+    loss = row_nll(clip(probs, eps), labels)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     bins = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
-    total = nll.sum() or 1.0
+    total = loss.sum() or 1.0
     out = []
     for b in range(n_bins):
         m = bins == b
@@ -103,7 +86,7 @@ def confidence_bins(probs: np.ndarray, labels: np.ndarray, eps: float = 1e-15, n
             "lo": float(edges[b]), "hi": float(edges[b + 1]), "n": int(m.sum()),
             "confidence": float(conf[m].mean()) if m.any() else float("nan"),
             "accuracy": float(correct[m].mean()) if m.any() else float("nan"),
-            "loss_share": float(nll[m].sum() / total), "mean_nll": float(nll[m].mean()) if m.any() else float("nan"),
+            "loss_share": float(loss[m].sum() / total), "mean_nll": float(loss[m].mean()) if m.any() else float("nan"),
         })
     return out
 
@@ -111,13 +94,12 @@ def confidence_bins(probs: np.ndarray, labels: np.ndarray, eps: float = 1e-15, n
 # ------------------------------------------------------------------------------------------------ classes
 
 
-def per_class(probs: np.ndarray, labels: np.ndarray, n_classes: int, eps: float = 1e-15) -> list[dict]:
+def per_class(probs: np.ndarray, labels: np.ndarray, n_classes: int, eps: float = SCORER_EPS) -> list[dict]:
     """One row per model class: support, accuracy (recall), mean log loss of its photos, mean confidence on the
     true class, and the class its photos are most often mistaken for (with the count)."""
     pred = probs.argmax(axis=1)
-    nll = -np.log(clip_probs(probs, eps)[np.arange(len(labels)), labels])
-    conf = np.zeros((n_classes, n_classes), dtype=np.int64)
-    np.add.at(conf, (labels, pred), 1)
+    loss = row_nll(clip(probs, eps), labels)
+    conf = confusion_counts(probs, labels, n_classes)
     rows = []
     for c in range(n_classes):
         m = labels == c
@@ -127,7 +109,7 @@ def per_class(probs: np.ndarray, labels: np.ndarray, n_classes: int, eps: float 
         rows.append({
             "class": c, "support": int(m.sum()),
             "accuracy": float((pred[m] == c).mean()) if m.any() else float("nan"),
-            "log_loss": float(nll[m].mean()) if m.any() else float("nan"),
+            "log_loss": float(loss[m].mean()) if m.any() else float("nan"),
             "p_true": float(probs[m, c].mean()) if m.any() else float("nan"),
             "wrong_class": top if wrong[top] > 0 else -1, "wrong_count": int(wrong[top]),
         })
@@ -242,14 +224,14 @@ def feature_groups(features: np.ndarray, labels: np.ndarray, n_classes: int,
     return cluster(np.nan_to_num(dist, nan=2.0), cut, "features")
 
 
-def group_scores(probs: np.ndarray, labels: np.ndarray, label_of: np.ndarray, eps: float = 1e-15) -> dict[str, float]:
+def group_scores(probs: np.ndarray, labels: np.ndarray, label_of: np.ndarray,
+                 eps: float = SCORER_EPS) -> dict[str, float]:
     """Accuracy and log loss when classes of one group count as one (each group's probability summed)."""
     n_groups = int(label_of.max()) + 1 if len(label_of) else 0
     gp = np.zeros((len(probs), n_groups))
     np.add.at(gp.T, label_of, probs.T)
     gl = label_of[labels]
-    return {"accuracy": float((gp.argmax(axis=1) == gl).mean()),
-            "log_loss": float(-np.log(clip_probs(gp, eps)[np.arange(len(gl)), gl]).mean())}
+    return {"accuracy": float((gp.argmax(axis=1) == gl).mean()), "log_loss": nll(clip(gp, eps), gl)}
 
 
 # ------------------------------------------------------------------------------------------------ label issues

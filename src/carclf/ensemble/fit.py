@@ -26,11 +26,14 @@ from carclf.data.merges import MergeMap
 from carclf.metrics import (
     CAL_FLOOR,
     DEFAULT_EPS,
+    LOG_FLOOR,
+    SCORER_EPS,
     calibrate,
     clip,
     combine,
     fit_temperature,
     nll,
+    row_nll,
     scale_newton,
     softmax,
 )
@@ -115,7 +118,7 @@ class Fitted:
 # ------------------------------------------------------------------------------------------------------ weights
 def _true_class(P: np.ndarray, y: np.ndarray) -> np.ndarray:
     """(M, n) probability each member gives the true class."""
-    return np.maximum(P[:, np.arange(len(y)), y], 1e-15)
+    return np.maximum(P[:, np.arange(len(y)), y], SCORER_EPS)
 
 
 def greedy_weights(P: np.ndarray, y: np.ndarray, space: str, iters: int = GREEDY_ITERS) -> np.ndarray:
@@ -130,7 +133,7 @@ def greedy_weights(P: np.ndarray, y: np.ndarray, space: str, iters: int = GREEDY
             return [-np.mean(np.log((acc + X[m]) / t)) for m in range(M)]
     else:
         # In logit space the bag's scale is the final temperature's business: score each bag at its best one.
-        X = np.log(np.maximum(P, 1e-30))
+        X = np.log(np.maximum(P, LOG_FLOOR))  # the log-probabilities metrics.combine averages
         scale = [1.0]
 
         def bag_losses(acc: np.ndarray, t: int) -> list[float]:
@@ -171,7 +174,7 @@ def scipy_weights(P: np.ndarray, y: np.ndarray, space: str) -> np.ndarray:
             s = np.maximum(w @ q, 1e-300)
             return float(-np.mean(np.log(s))), -(q / s).mean(axis=1)
     else:
-        L = np.log(np.maximum(P, 1e-30))
+        L = np.log(np.maximum(P, LOG_FLOOR))
         Ly = L[:, np.arange(n), y]  # (M, n)
 
         def f(w):
@@ -226,29 +229,30 @@ def fit_calibration(spec: str, p: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     raise ValueError(f"unknown calibration {spec!r}")
 
 
+def _softmax_nll_grad(out: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    """Mean NLL of softmax(out) (:func:`carclf.metrics.logit_nll`) and its gradient with respect to ``out``,
+    (softmax - one-hot) / n: what L-BFGS-B needs, in one pass."""
+    n = len(y)
+    out = out - out.max(axis=1, keepdims=True)
+    e = np.exp(out)
+    tot = e.sum(axis=1)
+    d = e / tot[:, None]
+    d[np.arange(n), y] -= 1.0
+    return float(np.mean(np.log(tot) - out[np.arange(n), y])), d / n
+
+
 def _fit_affine(kind: str, z: np.ndarray, y: np.ndarray, lam: float, t: float, max_iter: int = 200) -> dict:
     """Vector scaling softmax(a * z + b) or matrix (Dirichlet) calibration softmax(z W^T + b), started at and
     regularised toward the temperature solution (a = 1/T, W = I/T, b = 0; L2 penalty lam / C on the difference),
     fitted with SciPy's L-BFGS-B on the analytic gradient (numpy: no autograd overhead for 38k parameters)."""
     from scipy.optimize import minimize
 
-    n, C = z.shape
-    Y = np.zeros_like(z)
-    Y[np.arange(n), y] = 1.0
+    C = z.shape[1]
     if kind == "vector":
         x0 = np.concatenate([np.full(C, 1 / t), np.zeros(C)])
 
-        def unpack(x):
-            return x[:C], x[C:]
-
         def f(x):
-            a, b = unpack(x)
-            out = z * a + b
-            out = out - out.max(axis=1, keepdims=True)
-            e = np.exp(out)
-            tot = e.sum(axis=1)
-            loss = np.mean(np.log(tot) - out[np.arange(n), y])
-            d = (e / tot[:, None] - Y) / n
+            loss, d = _softmax_nll_grad(z * x[:C] + x[C:], y)
             diff = x - x0
             return (loss + lam / C * (diff @ diff),
                     np.concatenate([(d * z).sum(axis=0), d.sum(axis=0)]) + 2 * lam / C * diff)
@@ -256,13 +260,7 @@ def _fit_affine(kind: str, z: np.ndarray, y: np.ndarray, lam: float, t: float, m
         x0 = np.concatenate([(np.eye(C) / t).ravel(), np.zeros(C)])
 
         def f(x):
-            W, b = x[: C * C].reshape(C, C), x[C * C:]
-            out = z @ W.T + b
-            out = out - out.max(axis=1, keepdims=True)
-            e = np.exp(out)
-            tot = e.sum(axis=1)
-            loss = np.mean(np.log(tot) - out[np.arange(n), y])
-            d = (e / tot[:, None] - Y) / n
+            loss, d = _softmax_nll_grad(z @ x[: C * C].reshape(C, C).T + x[C * C:], y)
             diff = x - x0
             return (loss + lam / C * (diff @ diff),
                     np.concatenate([(d.T @ z).ravel(), d.sum(axis=0)]) + 2 * lam / C * diff)
@@ -369,7 +367,7 @@ def cross_validate(recipe: Recipe, prob: Problem, splits: list[Split],
         scored.append(test)
     rows = np.concatenate(scored)
     row_loss = np.full(len(prob), np.nan)
-    row_loss[rows] = -np.log(np.maximum(out[rows, prob.labels[rows]].astype(np.float64), 1e-15))
+    row_loss[rows] = row_nll(out[rows].astype(np.float64), prob.labels[rows])
     return CVResult(float(row_loss[rows].mean()), out, fits, row_loss)
 
 
@@ -456,8 +454,8 @@ def nested(prob: Problem, splits: list[Split], inner_k: int, how: str, seed: int
         recipe = Selector(prob, inner, calibrations=calibrations).select()
         f = fit(recipe, prob, train)
         p = clip(apply(f, prob, test), f.eps)
-        out[test] = np.log(np.maximum(p[np.arange(len(test)), prob.labels[test]], 1e-15))
+        out[test] = row_nll(p, prob.labels[test])
         scored.append(test)
         picked.append(recipe)
     rows = np.concatenate(scored)
-    return float(-out[rows].mean()), picked
+    return float(out[rows].mean()), picked
