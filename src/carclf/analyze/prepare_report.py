@@ -207,18 +207,45 @@ def write_report(prepared: Prepared, data_root: Path | str, out_html: Path | str
     stem = out_html.stem
     rows = {r["path"]: r for r in p.manifest}
     th = _Thumbs(folder / "thumbs", DataDisk(data_root), rows)
-    s = p.summary
-    c = s.get("counts", {})
-
     ok = [r for r in p.manifest if r["status"] == "ok"]
     hashes = phash_array([r["phash"] for r in ok])
     plots = {"classes": f"{stem}_classes.png", "sizes": f"{stem}_sizes.png", "nearest": f"{stem}_nearest.png"}
     _plot_classes(p, folder / plots["classes"])
     _plot_sizes(p, folder / plots["sizes"])
     _plot_nearest(nearest_distances(hashes) if len(ok) > 1 else np.array([64]), p.threshold, folder / plots["nearest"])
+    joined, borderline = _near_pairs(p, ok, hashes)
 
-    # Near pairs: within near groups, every pair the threshold joined (what a person should confirm); borderline:
-    # pairs just above the threshold in different groups (what a person might want joined).
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>carclf prepare report</title>"
+             f"<style>{_CSS}</style></head><body>",
+             f"<h1>Data health: {_e(p.summary.get('data_root', data_root))}</h1>",
+             _summary_html(p), _overview_html(p, ok, plots)]
+    exact = [g for g in p.groups if g.kind == "exact"]
+    near = [g for g in p.groups if g.kind == "near"]
+    parts.append(_groups_section("Exact duplicate groups", exact, th, p.excluded,
+                                 "Same bytes or same decoded pixels. d = phash distance to the first photo."))
+    parts.append(_groups_section("Near-duplicate groups", near, th, p.excluded,
+                                 f"Perceptual hashes within {p.threshold} bits: re-encoded, resized or lightly edited "
+                                 "copies. Check that each group really is one photo."))
+    parts.append(_pairs_section("Near-duplicate pairs", joined, th, rows,
+                                "Each pair the threshold joined (not pixel-identical), largest distance first: if a "
+                                "pair is two different photos, lower near_threshold."))
+    parts.append(_pairs_section(
+        f"Pairs just above the threshold ({p.threshold + 1}-{p.threshold + BORDERLINE} bits, not grouped)",
+        borderline, th, rows,
+        "Closest first. Mostly look-alike photos; if many are copies (e.g. crops), raise near_threshold."))
+    conflicts = [g for g in p.groups if g.cross_class]
+    parts.append(_groups_section("Label conflicts (same photo under different classes)", conflicts, th, p.excluded,
+                                 "Decide which class is right and move or delete the other copies; with "
+                                 "cross_class='exclude' they are left out of training meanwhile."))
+    parts += [_leaks_html(p, th, rows), _quarantine_html(p), "</body></html>\n"]
+    atomic_write_text(out_html, "\n".join(parts))
+    return out_html
+
+
+def _near_pairs(p: Prepared, ok: list[dict], hashes: np.ndarray) -> tuple[list, list]:
+    """(joined, borderline) pairs of photo paths with their distance. Joined: within near groups, every pair the
+    threshold joined (what a person should confirm); borderline: pairs just above the threshold in different groups
+    (what a person might want joined)."""
     group_id = {m.path: g.id for g in p.groups for m in g.members}
     ii, jj, dd = near_pairs(hashes, p.threshold + BORDERLINE)
     near_kind = {g.id for g in p.groups if g.kind == "near"}
@@ -232,10 +259,13 @@ def write_report(prepared: Prepared, data_root: Path | str, out_html: Path | str
             borderline.append((a["path"], b["path"], int(d)))
     joined.sort(key=lambda t: (-t[2], t[0]))
     borderline.sort(key=lambda t: (t[2], t[0]))
+    return joined, borderline
 
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>carclf prepare report</title>"
-             f"<style>{_CSS}</style></head><body>",
-             f"<h1>Data health: {_e(s.get('data_root', data_root))}</h1>"]
+
+def _summary_html(p: Prepared) -> str:
+    """The counts table of summary.json, and the classes left without a usable photo."""
+    s = p.summary
+    c = s.get("counts", {})
     summary_rows = [
         ["files", c.get("files")], ["train files / test files", f"{c.get('train_files')} / {c.get('test_files')}"],
         ["classes", c.get("classes")], ["bad files (train / test)", f"{c.get('bad_train')} / {c.get('bad_test')}"],
@@ -251,41 +281,31 @@ def write_report(prepared: Prepared, data_root: Path | str, out_html: Path | str
         ["reading speed",
          f"{s.get('images_per_s')} images/s ({s.get('n_probed')} read, {s.get('n_reused')} unchanged)"],
     ]
-    parts.append(_table(None, [[k, "" if v is None else v] for k, v in summary_rows]))
+    out = _table(None, [[k, "" if v is None else v] for k, v in summary_rows])
     if s.get("empty_classes"):
-        parts.append(f"<p class='flag'>Classes with no usable photo: {_e(', '.join(s['empty_classes']))}</p>")
+        out += f"\n<p class='flag'>Classes with no usable photo: {_e(', '.join(s['empty_classes']))}</p>"
+    return out
 
-    parts.append(f"<h2>Images per class</h2><img src='{plots['classes']}' alt='images per class'>")
+
+def _overview_html(p: Prepared, ok: list[dict], plots: dict[str, str]) -> str:
+    """Images per class (plot and table), photo sizes and the distances to the closest other photo."""
     n_all = Counter(r["class"] for r in ok if r["split"] == "train")
     n_used = Counter(r["class"] for r in ok if r["split"] == "train" and r["path"] not in p.excluded)
     class_rows = [[i, _e(name), _e(p.aliases.get(name, "")), n_all[name], n_used[name]]
                   for i, name in enumerate(p.classes)]
-    parts.append("<details><summary>all classes</summary>"
-                 + _table(["index", "name", "alias", "readable", "used"], class_rows, raw=True) + "</details>")
-    parts.append(f"<h2>Photo sizes</h2><img src='{plots['sizes']}' alt='photo sizes'>")
-    parts.append("<h2>Closest other photo</h2><p class='note'>A gap between the bars left of the threshold line "
-                 "(copies) and the bulk (distinct photos) means the threshold separates them.</p>"
-                 f"<img src='{plots['nearest']}' alt='nearest distances'>")
+    return "\n".join([
+        f"<h2>Images per class</h2><img src='{plots['classes']}' alt='images per class'>",
+        "<details><summary>all classes</summary>"
+        + _table(["index", "name", "alias", "readable", "used"], class_rows, raw=True) + "</details>",
+        f"<h2>Photo sizes</h2><img src='{plots['sizes']}' alt='photo sizes'>",
+        "<h2>Closest other photo</h2><p class='note'>A gap between the bars left of the threshold line "
+        "(copies) and the bulk (distinct photos) means the threshold separates them.</p>"
+        f"<img src='{plots['nearest']}' alt='nearest distances'>",
+    ])
 
-    exact = [g for g in p.groups if g.kind == "exact"]
-    near = [g for g in p.groups if g.kind == "near"]
-    parts.append(_groups_section("Exact duplicate groups", exact, th, p.excluded,
-                                 "Same bytes or same decoded pixels. d = phash distance to the first photo."))
-    parts.append(_groups_section("Near-duplicate groups", near, th, p.excluded,
-                                 f"Perceptual hashes within {p.threshold} bits: re-encoded, resized or lightly edited "
-                                 "copies. Check that each group really is one photo."))
-    parts.append(_pairs_section("Near-duplicate pairs", joined, th, rows,
-                                "Each pair the threshold joined (not pixel-identical), largest distance first: if a "
-                                "pair is two different photos, lower near_threshold."))
-    parts.append(_pairs_section(
-        f"Pairs just above the threshold ({p.threshold + 1}-{p.threshold + BORDERLINE} bits, not grouped)",
-        borderline, th, rows,
-        "Closest first. Mostly look-alike photos; if many are copies (e.g. crops), raise near_threshold."))
 
-    conflicts = [g for g in p.groups if g.cross_class]
-    parts.append(_groups_section("Label conflicts (same photo under different classes)", conflicts, th, p.excluded,
-                                 "Decide which class is right and move or delete the other copies; with "
-                                 "cross_class='exclude' they are left out of training meanwhile."))
+def _leaks_html(p: Prepared, th: _Thumbs, rows: dict[str, dict]) -> str:
+    """Test photos that are also in train, beside their train copies."""
     leak_html = []
     for g in (g for g in p.groups if g.train_test):
         for t in g.test:
@@ -294,16 +314,15 @@ def write_report(prepared: Prepared, data_root: Path | str, out_html: Path | str
             train_figs = "".join(_fig(th, m.path, f"{_e(m.path)}<br>{_e(m.cls)}") for m in g.train[:MAX_MEMBERS])
             leak_html.append([_e(t.id), _fig(th, t.path, _e(t.path)), train_figs, _e(" | ".join(classes)),
                               str(min(dists))])
-    parts.append(f"<h2>Train/test leaks ({len(leak_html)})</h2><p class='note'>Test photos that are also in train "
-                 "(leaks.csv): their label is known, and validation scores on such photos overstate the model.</p>"
-                 + (_table(["test ID", "test photo", "train copies", "train classes", "distance"], leak_html, raw=True)
-                    if leak_html else "<p>None.</p>"))
+    return (f"<h2>Train/test leaks ({len(leak_html)})</h2><p class='note'>Test photos that are also in train "
+            "(leaks.csv): their label is known, and validation scores on such photos overstate the model.</p>"
+            + (_table(["test ID", "test photo", "train copies", "train classes", "distance"], leak_html, raw=True)
+               if leak_html else "<p>None.</p>"))
 
+
+def _quarantine_html(p: Prepared) -> str:
     quarantine = [[r["path"], r["split"], r["class"], r["excluded"] or r["error"]]
                   for r in p.manifest if r["status"] != "ok" or (r["split"] == "train" and r["path"] in p.excluded)]
-    parts.append(f"<h2>Quarantined files ({len(quarantine)})</h2><p class='note'>Left out of training "
-                 "(quarantine.csv); unreadable test files cannot be predicted from the photo.</p>"
-                 + (_table(["path", "split", "class", "reason"], quarantine) if quarantine else "<p>None.</p>"))
-    parts.append("</body></html>\n")
-    atomic_write_text(out_html, "\n".join(parts))
-    return out_html
+    return (f"<h2>Quarantined files ({len(quarantine)})</h2><p class='note'>Left out of training "
+            "(quarantine.csv); unreadable test files cannot be predicted from the photo.</p>"
+            + (_table(["path", "split", "class", "reason"], quarantine) if quarantine else "<p>None.</p>"))
