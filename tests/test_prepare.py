@@ -15,13 +15,39 @@ import pytest
 from PIL import Image
 
 from carclf.data import manifest as manifest_mod
-from carclf.data.manifest import probe_file
-from carclf.data.names import class_aliases
-from carclf.data.prepare import load_prepared, prepare
+from carclf.data.dedup import DupGroup, Member
+from carclf.data.manifest import IGNORED, probe_file, read_manifest
+from carclf.data.names import class_aliases, read_classes_csv
+from carclf.data.prepare import Prepared, prepare
 from carclf.demo.synth import SynthSpec, make_dataset
 from carclf.errors import CarclfError
 
 UNREADABLE = "unreadable.jpg"
+
+
+def load_prepared(out_dir: Path | str) -> Prepared:
+    """Read back what prepare wrote in ``out_dir`` without reading any photo: the files hold all it found."""
+    out = Path(out_dir)
+    needed = ["manifest.csv", "duplicates.csv", "classes.csv", "summary.json"]
+    missing = [n for n in needed if not (out / n).is_file()]
+    if missing:
+        raise CarclfError(f"'{out}' has no {', '.join(missing)}: run prepare on the data set first")
+    rows = [r for r in read_manifest(out / "manifest.csv") if r["status"] != IGNORED]
+    for r in rows:
+        r["group"] = int(r["group"])
+    groups: dict[int, DupGroup] = {}
+    for r in _read_csv(out / "duplicates.csv"):
+        g = groups.setdefault(int(r["group_id"]), DupGroup(int(r["group_id"]), r["kind"]))
+        g.members.append(Member(r["path"], r["split"], r["class"], r["id"], int(r["distance_to_first"])))
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    classes, aliases = read_classes_csv(out / "classes.csv")
+    train = [r for r in rows if r["split"] == "train"]
+    return Prepared(
+        dir=out, manifest=rows, groups=[groups[k] for k in sorted(groups)],
+        excluded={r["path"]: r["excluded"] for r in train if r["excluded"]},
+        group_of={r["path"]: r["group"] for r in train},
+        threshold=int(summary["threshold"]), classes=classes, aliases=aliases, summary=summary,
+    )
 
 
 def _blob(seed: int, size: tuple[int, int]) -> Image.Image:

@@ -235,12 +235,3 @@ LEAK_COLUMNS = ["group_id", "kind", "test_id", "test_path", "train_paths", "trai
 def leaks_csv(rows: list[dict]) -> str:
     return csv_text(LEAK_COLUMNS, ([r[c] for c in LEAK_COLUMNS] for r in rows))
 
-
-def groups_from_csv_rows(rows: list[dict]) -> list[DupGroup]:
-    """Rebuild groups from the rows of ``duplicates.csv``."""
-    groups: dict[int, DupGroup] = {}
-    for r in rows:
-        gid = int(r["group_id"])
-        g = groups.setdefault(gid, DupGroup(gid, r["kind"]))
-        g.members.append(Member(r["path"], r["split"], r["class"], r["id"], int(r["distance_to_first"])))
-    return [groups[k] for k in sorted(groups)]

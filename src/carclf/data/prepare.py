@@ -17,7 +17,6 @@ Re-running reuses ``manifest.csv``: unchanged files are not read again.
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 from collections import Counter
@@ -35,12 +34,11 @@ from carclf.data.dedup import (
     conflicts_csv,
     duplicates_csv,
     find_groups,
-    groups_from_csv_rows,
     leak_rows,
     leaks_csv,
 )
 from carclf.data.manifest import DEFAULT_MAX_PIXELS, IGNORED, build_manifest, csv_text, read_manifest, write_manifest
-from carclf.data.names import read_classes_csv, write_classes_csv
+from carclf.data.names import write_classes_csv
 from carclf.errors import CarclfError
 from carclf.io import atomic_write_text
 
@@ -63,11 +61,6 @@ class Prepared:
     classes: list[str] = field(default_factory=list)  # NFC class names, label order
     aliases: dict[str, str] = field(default_factory=dict)  # class name -> ASCII alias
     summary: dict = field(default_factory=dict)  # summary.json
-
-    def used_train(self) -> list[dict]:
-        """Training rows that are readable and not excluded, in manifest order."""
-        return [r for r in self.manifest if r["split"] == "train" and r["status"] == "ok" and r["path"] not in
-                self.excluded]
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -267,27 +260,3 @@ def _summary(root, rows, n_ignored, groups, leaks, excluded, reasons, stats, thr
         "versions": {"Pillow": PIL.__version__, "imagehash": imagehash.__version__},
     }
 
-
-def load_prepared(out_dir: Path | str) -> Prepared:
-    """Read what :func:`prepare` wrote in ``out_dir`` without reading any photo."""
-    out = Path(out_dir)
-    needed = ["manifest.csv", "duplicates.csv", "classes.csv", "summary.json"]
-    missing = [n for n in needed if not (out / n).is_file()]
-    if missing:
-        raise CarclfError(f"'{out}' has no {', '.join(missing)}: run prepare on the data set first")
-    rows = [r for r in read_manifest(out / "manifest.csv") if r["status"] != IGNORED]
-    if not rows or "group" not in rows[0]:
-        raise CarclfError(f"'{out / 'manifest.csv'}' is not a prepare manifest (or is empty): run prepare again")
-    for r in rows:
-        r["group"] = int(r["group"])
-    with (out / "duplicates.csv").open(encoding="utf-8", newline="") as fh:
-        groups = groups_from_csv_rows(list(csv.DictReader(fh)))
-    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-    classes, aliases = read_classes_csv(out / "classes.csv")
-    train = [r for r in rows if r["split"] == "train"]
-    return Prepared(
-        dir=out, manifest=rows, groups=groups,
-        excluded={r["path"]: r["excluded"] for r in train if r["excluded"]},
-        group_of={r["path"]: r["group"] for r in train},
-        threshold=int(summary["threshold"]), classes=classes, aliases=aliases, summary=summary,
-    )

@@ -48,8 +48,7 @@ def _check_out(out: Path, overwrite: bool, members: list[Member]) -> None:
     ENSEMBLE_FOLDER.check(out, overwrite)
 
 
-def load_problem(specs: list[str], cv_groups_from: int = 0, log: Callable[[str], None] = print
-                 ) -> tuple[list[Member], Problem, Any, list[str]]:
+def load_problem(specs: list[str], log: Callable[[str], None] = print) -> tuple[list[Member], Problem, Any, list[str]]:
     """Load and align the members; the fitting problem over the photos every member saw."""
     parsed = [parse_member(s) for s in specs]
     names = member_names(parsed)
