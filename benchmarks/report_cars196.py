@@ -34,8 +34,9 @@ def main() -> None:
     ap.add_argument("--keep-cache", action="store_true", help="do not time the feature computation again")
     args = ap.parse_args()
     run = args.run or newest_run()
-    from carclf.analyze.report import REPORT_MARKER, write_report
+    from carclf.analyze.report import write_report
     from carclf.artifacts.report import REPORT_FEATURE_CACHE as FEATURE_CACHE
+    from carclf.artifacts.report import REPORT_MARKER
 
     cache = args.out / FEATURE_CACHE
     if cache.is_file() and (args.out / REPORT_MARKER).is_file() and not args.keep_cache:
