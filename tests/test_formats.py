@@ -14,17 +14,8 @@ from carclf.artifacts.export import EXPORT_FILE, EXPORT_MARKER, read_export
 from carclf.artifacts.owned import OwnedFolder
 from carclf.artifacts.resolve import ENSEMBLE, EXPORT, RUN, kind_of, require
 from carclf.artifacts.run import RUN_FORMAT, RunDir
-from carclf.config import Config
 from carclf.errors import CarclfError
-
-
-def _run(path: Path) -> RunDir:
-    rd = RunDir(path)
-    rd.create(Config(name=path.name))
-    rd.fold(0).dir.mkdir()
-    rd.fold(0).best.write_bytes(b"weights")
-    rd.fold(0).oof.write_bytes(b"oof")
-    return rd
+from tests.test_rundir import _fake_run as _run  # a run with one fold, as carclf writes it
 
 
 def _ensemble(path: Path, fmt: int = 1) -> Path:
