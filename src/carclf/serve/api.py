@@ -9,7 +9,6 @@ tests/test_serve_api.py calls them without HTTP; ``create_app`` only wires them 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import time
 import warnings
@@ -27,23 +26,12 @@ Submit = Callable[[list[bytes]], Awaitable[tuple[np.ndarray, list[int]]]]  # pho
 
 # ------------------------------------------------------------------------------------------------- the model
 def predictor_version(predictor) -> str:
-    """The served model's version: the export's (a hash of export.yaml), or for a run a hash of every fold's
-    weights, temperature, input size and views. The one place serve computes it (for /readyz, /v1/*, /metrics and
-    the app's title): once the Predictor owns its version, this becomes ``predictor.version``."""
+    """The served model's version (for /readyz, /v1/*, /metrics and the app's title): the Predictor's own
+    (:attr:`carclf.infer.predictor.Predictor.version`; serve computes none of its own)."""
     version = getattr(predictor, "version", None)
-    if version:
-        return str(version)
-    h = hashlib.sha256()
-    run = getattr(predictor, "run", None)
-    for k, t, s in zip(predictor.folds, predictor.temperatures, predictor.eval_sizes, strict=True):
-        if run is not None:
-            from carclf.io import file_sha256
-
-            h.update(file_sha256(run.fold(k).best).encode())
-        h.update(f"{k}:{t!r}:{s}".encode())
-    h.update(",".join(predictor.views).encode())
-    h.update("\n".join(predictor.output_classes).encode())
-    return h.hexdigest()[:12]
+    if not version:
+        raise ValueError("the predictor has no version: build it with carclf.infer.predictor.Predictor.open")
+    return str(version)
 
 
 @dataclass(frozen=True)
