@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from carclf.artifacts.ensemble import is_ensemble_dir
 from carclf.artifacts.oof import ensemble_oof, read_fold_oof
+from carclf.artifacts.resolve import ENSEMBLE, kind_of
 from carclf.artifacts.run import RunDir
 from carclf.io import atomic_write_text
 from carclf.metrics import fold_groups, score_row, softmax
@@ -28,7 +28,7 @@ def evaluate_run(run_dir: Path | str, log: Callable[[str], None] = print) -> lis
 
     An ensemble folder (ensemble.yaml) is scored from its cross-validated out-of-fold probabilities, over the
     submission's classes (:func:`evaluate_ensemble`)."""
-    if is_ensemble_dir(run_dir):
+    if kind_of(run_dir) == ENSEMBLE:
         return evaluate_ensemble(run_dir, log)
     rd = RunDir.open(run_dir)
     cfg = rd.read_config()

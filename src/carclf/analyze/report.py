@@ -29,12 +29,12 @@ import numpy as np
 from carclf.analyze import report_stats as st
 from carclf.analyze.prepare_report import _CSS
 from carclf.analyze.report_features import compute_features, tsne_map
-from carclf.artifacts.ensemble import is_ensemble_dir
 from carclf.artifacts.metrics_csv import read_metrics
 from carclf.artifacts.oof import OofSet, load_oof
 from carclf.artifacts.report import REPORT_FEATURE_CACHE as FEATURE_CACHE
 from carclf.artifacts.report import REPORT_FOLDER, report_dir
 from carclf.artifacts.report import REPORT_PLOTS as PLOTS
+from carclf.artifacts.resolve import ENSEMBLE, RUN, kind_of
 from carclf.data.scan import DataDisk
 from carclf.errors import CarclfError
 from carclf.io import atomic_write, atomic_write_text
@@ -107,10 +107,10 @@ def member_runs(source: Path) -> tuple[list[Path], str]:
     """The run folders behind ``source`` (itself, or an ensemble's members, found as the Predictor finds them) and a
     note when they cannot be told."""
     from carclf.artifacts.ensemble import ENSEMBLE_FILE, member_run, read_ensemble
-    from carclf.artifacts.run import RunDir
 
-    if not (source / ENSEMBLE_FILE).is_file():
-        return ([source], "") if RunDir(source).is_run() else ([], f"'{source}' is not a run directory")
+    kind = kind_of(source)
+    if kind != ENSEMBLE:
+        return ([source], "") if kind == RUN else ([], f"'{source}' is not a run directory")
     try:
         members = read_ensemble(source)["members"]
     except (OSError, CarclfError) as exc:
@@ -121,7 +121,7 @@ def member_runs(source: Path) -> tuple[list[Path], str]:
             path = member_run(source, m)
         except (CarclfError, KeyError, TypeError):  # a missing run, or a member entry without one
             continue
-        if RunDir(path).is_run():
+        if kind_of(path) == RUN:
             runs.append(path)
     return runs, "" if runs else "the ensemble's member runs could not be found from ensemble.yaml"
 
@@ -369,7 +369,7 @@ def _features(inp: _Inputs, device: str, log: Callable[[str], None]) -> tuple[np
     oof, data_root = inp.oof, inp.data_root
     if oof.features is not None:
         return oof.features, "stored with the out-of-fold predictions"
-    if is_ensemble_dir(oof.source):
+    if kind_of(oof.source) == ENSEMBLE:
         return None, "not stored by every member run, and an ensemble has no single feature space: map skipped"
     if data_root is None or not data_root.is_dir():
         return None, f"not stored (the run predates them) and the photos are not at data.root '{data_root}'"

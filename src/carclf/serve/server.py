@@ -30,10 +30,10 @@ def api_key_from_env(var: str | None) -> str | None:
 
 def load_predictor(source: str | Path, int8: bool = False, threads: int | None = None, device: str = "cpu"):
     """An export directory -> ONNX Runtime engines (int8 ones with ``int8``); a run -> PyTorch engines."""
-    from carclf.artifacts.export import is_export_dir
+    from carclf.artifacts.resolve import EXPORT, kind_of
     from carclf.infer.predictor import open_predictor
 
-    if is_export_dir(source):
+    if kind_of(source) == EXPORT:
         return open_predictor(source, engine="onnx", precision="int8" if int8 else "fp32", threads=threads)
     if int8:
         raise CarclfError(f"--int8 needs an export: carclf export {source} -o DIR --int8, then serve DIR")
