@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from carclf.artifacts.resolve import EXPORT, kind_of
+from carclf.artifacts.resolve import EXPORT, require
 from carclf.data.scan import TestSet, read_sample_columns, scan_test
 from carclf.errors import CarclfError
 from carclf.infer.predictor import ExportRun, Predictor, open_predictor
@@ -84,6 +84,7 @@ def predict_run(
     :func:`~carclf.export.exporter.onnx_predictor`, which the CLI hands down)."""
     data_root = Path(data_root)
     out = check_output(out, overwrite)  # fail before the slow part
+    kind = require(run_dir, doing="predict")  # a run, an ensemble or an export, before the test photos are read
     test = scan_test(data_root)
     missing = [(i, p) for i, p in zip(test.ids, test.paths, strict=True) if not p.is_file()]
     if missing:
@@ -106,7 +107,7 @@ def predict_run(
         log(f"warning: {len(rows.dropped)} test.csv ID(s) are not in {sample.name} and are left out of the "
             f"submission (it has the sample's {len(rows.ids)} rows): {_listed(rows.dropped)}")
     # ONNX Runtime: an export folder (whatever --engine says), or the run exported on the fly by export_run
-    engine = "onnx" if kind_of(run_dir) == EXPORT else engine
+    engine = "onnx" if kind == EXPORT else engine
     predictor: Predictor = open_predictor(run_dir, engine=engine, device=device, export_run=export_run, log=log)
     photos = [p for p in rows.paths if p is not None]
     log(f"predicting {len(photos)} photos with {predictor.describe()}")  # a run's folds or an ensemble's members
