@@ -28,7 +28,7 @@ Submit = Callable[[list[bytes]], Awaitable[tuple[np.ndarray, list[int]]]]  # pho
 def predictor_version(predictor) -> str:
     """The served model's version (for /readyz, /v1/*, /metrics and the app's title): the Predictor's own
     (:attr:`carclf.infer.predictor.Predictor.version`; serve computes none of its own)."""
-    version = getattr(predictor, "version", None)
+    version = predictor.version
     if not version:
         raise ValueError("the predictor has no version: build it with carclf.infer.predictor.Predictor.open")
     return str(version)
@@ -45,8 +45,8 @@ class ServedModel:
 
     @classmethod
     def of(cls, predictor) -> ServedModel:
-        return cls(predictor_version(predictor), getattr(predictor.engines[0], "engine", "torch"),
-                   getattr(predictor, "precision", "fp32"), tuple(predictor.output_classes))
+        return cls(predictor_version(predictor), predictor.engines[0].engine, predictor.precision,
+                   tuple(predictor.output_classes))
 
     def card(self) -> dict[str, str]:
         return {"version": self.version, "engine": self.engine, "precision": self.precision}
