@@ -115,3 +115,43 @@ def test_an_ensemble_folder_is_known_by_its_readable_ensemble_yaml(tmp_path):
     assert ENSEMBLE_FOLDER.is_made(ens)
     (ens / ENSEMBLE_FILE).write_text("kind: something else\n")
     assert not ENSEMBLE_FOLDER.is_made(ens)
+
+
+def test_report_overwrite_leaves_temp_looking_files_it_did_not_write(tmp_path):
+    from carclf.artifacts.report import REPORT_FOLDER, REPORT_MARKER
+
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / REPORT_MARKER).write_text("{}")
+    (out / "report.html").write_text("old")
+    (out / ".notes.tmp").write_text("the user's")  # or a second report's write in flight: the report takes no lock
+    REPORT_FOLDER.make_room(out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == sorted([".notes.tmp", REPORT_MARKER])
+
+
+def test_ensemble_overwrite_looks_into_its_report_folder(tmp_path):
+    from carclf.artifacts.report import REPORT_MARKER
+
+    ens = _ensemble(tmp_path / "ens")
+    report = ens / "report"
+    report.mkdir()
+    (report / REPORT_MARKER).write_text("{}")
+    (report / "report.html").write_text("ours")
+    (report / "my notes.txt").write_text("the user's")
+    with pytest.raises(CarclfError, match=r"'report/my notes.txt'"):
+        ENSEMBLE_FOLDER.make_room(ens, overwrite=True)
+    assert (report / "my notes.txt").is_file()
+    (report / "my notes.txt").unlink()
+    ENSEMBLE_FOLDER.make_room(ens, overwrite=True)
+    assert list(ens.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag", ["resume", "overwrite"])
+def test_train_neither_continues_nor_deletes_a_run_of_a_newer_format(tmp_path, flag):
+    from carclf.train.loop import check_startable
+
+    rd = _run(tmp_path / "run")
+    rd.marker.write_text(json.dumps({"kind": "carclf run", "format": RUN_FORMAT + 1}))
+    with pytest.raises(CarclfError, match=f"format {RUN_FORMAT + 1}, newer than this carclf reads"):
+        check_startable(rd, rd.read_config(), resume=flag == "resume", overwrite=flag == "overwrite")
+    assert rd.fold(0).best.is_file()

@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from carclf.artifacts.owned import OwnedFolder
+from carclf.artifacts.owned import OwnedFolder, is_temp
+from carclf.artifacts.report import report_entry_unknown
 from carclf.errors import CarclfError
 from carclf.io import atomic_savez, file_sha256, read_yaml
 
@@ -39,8 +40,17 @@ def _readable(path: Path) -> bool:
     return True
 
 
+def _entry_unknown(entry: Path) -> list[str]:
+    """What carclf did not write in one entry of an ensemble folder (its report/ is looked into, as a run's is)."""
+    report = report_entry_unknown(entry)
+    if report is not None:
+        return report
+    return [] if entry.name in KNOWN or is_temp(entry.name) else [entry.name]
+
+
 # ensemble.yaml is the folder's marker: a folder whose ensemble.yaml carclf can read is an ensemble carclf made.
-ENSEMBLE_FOLDER = OwnedFolder("ensemble folder", ENSEMBLE_FILE, lambda _: KNOWN, "an ensemble", made=_readable)
+ENSEMBLE_FOLDER = OwnedFolder("ensemble folder", ENSEMBLE_FILE, lambda _: KNOWN, "an ensemble", made=_readable,
+                              unknown=_entry_unknown)
 
 
 def is_ensemble_dir(path: Path | str) -> bool:

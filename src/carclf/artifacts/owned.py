@@ -66,6 +66,10 @@ class OwnedFolder:
     made: Callable[[Path], bool] | None = None
     unknown: Callable[[Path], list[str]] | None = None
     keep: frozenset[str] = field(default_factory=frozenset)
+    # Whether temp-looking entries (``.<name>.<...>.tmp``) are ours to delete with the rest: an atomic write of
+    # ours left them, and the folder's lock says no live process writes there. A folder written without a lock
+    # (the report) leaves them: a second process may be writing one, or it is the user's.
+    temps_ours: bool = True
 
     def is_made(self, folder: Path) -> bool:
         return self.made(folder) if self.made else (Path(folder) / self.marker).is_file()
@@ -101,7 +105,8 @@ class OwnedFolder:
                 f"--overwrite: the {self.what} '{folder}' holds things carclf did not write ({listed}{more}), so "
                 f"nothing was deleted. Move them out first, or choose another {self.flag}."
             )
-        return [e for e in sorted(folder.iterdir()) if e.name not in self.keep]  # temp files of ours too
+        return [e for e in sorted(folder.iterdir())
+                if e.name not in self.keep and (self.temps_ours or not is_temp(e.name))]
 
     def clear(self, folder: Path) -> None:
         """``--overwrite``: delete what carclf wrote in ``folder`` (refusing as :meth:`owned_entries` says)."""

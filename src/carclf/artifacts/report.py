@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from carclf.artifacts.owned import OwnedFolder
+from carclf.artifacts.owned import OwnedFolder, is_temp
 
 REPORT_DIR = "report"
 REPORT_MARKER = ".carclf-report"
@@ -17,7 +17,18 @@ REPORT_FILES = {"report.html", "report.json", "per_class.csv", "label_issues.csv
                 REPORT_FEATURE_CACHE, *REPORT_PLOTS.values(), REPORT_MARKER}
 # --overwrite keeps the features cache: it depends on the fold models, not on what the report shows.
 REPORT_FOLDER = OwnedFolder("report folder", REPORT_MARKER, lambda _: REPORT_FILES, "a report",
-                            keep=frozenset({REPORT_MARKER, REPORT_FEATURE_CACHE}))
+                            keep=frozenset({REPORT_MARKER, REPORT_FEATURE_CACHE}), temps_ours=False)
+
+
+def report_entry_unknown(entry: Path) -> list[str] | None:
+    """For a run's or an ensemble's own ``report/`` entry: what carclf did not write in it, as paths relative to the
+    parent ("report/notes.txt"), or ["report"] when it is not a report carclf made; None for any other entry."""
+    if entry.name != REPORT_DIR:
+        return None
+    if not (entry.is_dir() and not entry.is_symlink() and (entry / REPORT_MARKER).is_file()):
+        return [entry.name]
+    return sorted(f"{entry.name}/{c.name}" for c in entry.iterdir()
+                  if c.name not in REPORT_FILES and not is_temp(c.name))
 
 
 def report_dir(source: Path | str) -> Path:

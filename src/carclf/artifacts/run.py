@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from carclf.artifacts.owned import OwnedFolder, is_temp, remove_entry, remove_stale_temps
-from carclf.artifacts.report import REPORT_DIR, REPORT_FILES, REPORT_MARKER
+from carclf.artifacts.report import report_entry_unknown
 from carclf.config import Config, read_config
 from carclf.data.merges import MergeMap, identity
 from carclf.errors import CarclfError
@@ -415,10 +415,11 @@ def _run_entry_unknown(entry: Path) -> list[str]:
     name = entry.name
     if name == LOCKS or is_temp(name):
         return []
+    report = report_entry_unknown(entry)
+    if report is not None:
+        return report
     if entry.is_dir() and (FOLD_RE.fullmatch(name) or name == FULL_DIR):
         known = FOLD_FILES
-    elif entry.is_dir() and not entry.is_symlink() and name == REPORT_DIR and (entry / REPORT_MARKER).is_file():
-        known = REPORT_FILES
     else:
         return [] if name in TOP_FILES and entry.is_file() else [name]
     return sorted(f"{name}/{c.name}" for c in entry.iterdir() if c.name not in known and not is_temp(c.name))

@@ -475,7 +475,8 @@ def open_predictor(source: Path | str, engine: str = "torch", device: str = "aut
         raise CarclfError(f"{precision} needs an export made with --int8: run carclf export first")
     if export_run is None:
         raise CarclfError(f"'{source}' is not an export: ONNX Runtime runs the folder carclf export writes (carclf "
-                          f"export {source} -o DIR, then use DIR)")
+                          f"export {source} -o DIR, then use DIR), or pass export_run="
+                          "carclf.export.exporter.onnx_predictor to export it on the fly, as the CLI does")
     return export_run(source, threads=threads, log=log)
 
 

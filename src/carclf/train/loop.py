@@ -81,6 +81,7 @@ def check_startable(rd: RunDir, cfg: Config, resume: bool, overwrite: bool) -> N
         return
     if not rd.is_run():  # a folder of the user's: neither --resume nor --overwrite may touch it
         raise rd.not_a_run()
+    rd.check_format()  # a newer carclf's run: neither continued nor deleted by this one
     if overwrite:
         rd.clear(protect=[Path(cfg.data.root)], dry_run=True)
         return
