@@ -26,6 +26,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> None:
+    from carclf.artifacts.prepare import PrepareDir
     from carclf.config import load_config
     from carclf.data.rundata import prepare_dir, run_prepare
 
@@ -37,7 +38,7 @@ def _prepare(args: argparse.Namespace) -> None:
     if args.report:
         from carclf.analyze.prepare_report import write_report
 
-        print(f"report: {write_report(prepared, cfg.data.root, prepare_dir(cfg) / 'report.html')}")
+        print(f"report: {write_report(prepared, cfg.data.root, PrepareDir(prepare_dir(cfg)).report)}")
 
 
 def _calibrate(args: argparse.Namespace) -> None:

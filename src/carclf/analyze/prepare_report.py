@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from carclf.artifacts.photos import DataDisk
 from carclf.data.dedup import DupGroup, hamming, near_pairs, nearest_distances, phash_array
 from carclf.data.imageio import load_rgb
 from carclf.data.prepare import Prepared
-from carclf.data.scan import DataDisk
 from carclf.io import atomic_write, atomic_write_text
 
 MAX_GROUPS = 100  # per section; the CSV files hold them all

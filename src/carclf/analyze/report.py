@@ -31,11 +31,11 @@ from carclf.analyze.prepare_report import _CSS
 from carclf.analyze.report_features import compute_features, tsne_map
 from carclf.artifacts.metrics_csv import read_metrics
 from carclf.artifacts.oof import OofSet, load_oof
+from carclf.artifacts.photos import DataDisk
 from carclf.artifacts.report import REPORT_FEATURE_CACHE as FEATURE_CACHE
 from carclf.artifacts.report import REPORT_FOLDER, report_dir
 from carclf.artifacts.report import REPORT_PLOTS as PLOTS
 from carclf.artifacts.resolve import ENSEMBLE, RUN, kind_of
-from carclf.data.scan import DataDisk
 from carclf.errors import CarclfError
 from carclf.io import atomic_write, atomic_write_text
 
@@ -339,9 +339,9 @@ def _load(source: Path, out_dir: Path | str | None, overwrite: bool) -> _Inputs:
     data_root = Path(cfg.data.root) if cfg is not None and cfg.data.root else None
     classes_csv = None
     if cfg is not None:
-        from carclf.data.rundata import prepare_dir
+        from carclf.artifacts.prepare import PrepareDir
 
-        classes_csv = prepare_dir(cfg) / "classes.csv"
+        classes_csv = PrepareDir.for_data(cfg.out_dir, cfg.data.root).classes
     aliases = read_aliases(classes_csv, oof.merge.original)
     font = find_hangul_font()
     return _Inputs(source, oof, out, runs, runs_note, data_root, font, PlotNames(oof.classes, aliases, font),

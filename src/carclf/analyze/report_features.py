@@ -56,8 +56,8 @@ def compute_features(run_dir: Path, oof: OofSet, data_root: Path, cache: Path, d
         log(f"features: from the cache {cache}")
         n_bad = int((~np.isfinite(hit).all(axis=1)).sum())
         return hit, n_bad
+    from carclf.artifacts.photos import DataDisk
     from carclf.data.dataset import ImageDataset, make_loader
-    from carclf.data.scan import DataDisk
     from carclf.data.transforms import eval_transform
     from carclf.infer.predictor import Predictor
     from carclf.models.forward import infer_view_logits

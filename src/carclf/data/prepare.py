@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from carclf.artifacts.prepare import PrepareDir
 from carclf.data.dedup import (
     DEFAULT_NEAR_THRESHOLD,
     MAX_THRESHOLD,
@@ -92,6 +93,7 @@ def prepare(
         raise CarclfError(f"near_threshold must be between 0 and {MAX_THRESHOLD} (bits of 64), got {threshold}")
     root = Path(data_root).resolve()
     out = Path(out_dir)
+    pdir = PrepareDir(out)  # the file names: carclf.artifacts.prepare
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
@@ -118,15 +120,15 @@ def prepare(
     used = usable_per_class([index[r["class"]] for r in in_class],
                             [r["status"] == "ok" and not r["excluded"] for r in in_class], len(classes))
     n_used = {c: int(n) for c, n in zip(classes, used, strict=True)}
-    write_manifest(out / "manifest.csv", rows + ignored, DERIVED_COLUMNS)
-    atomic_write_text(out / "duplicates.csv", duplicates_csv(groups))
-    atomic_write_text(out / "conflicts.csv", conflicts_csv(groups, excluded))
-    atomic_write_text(out / "leaks.csv", leaks_csv(leaks))
-    atomic_write_text(out / "quarantine.csv", csv_text(["path", "split", "class", "reason"], (
+    write_manifest(pdir.manifest, rows + ignored, DERIVED_COLUMNS)
+    atomic_write_text(pdir.duplicates, duplicates_csv(groups))
+    atomic_write_text(pdir.conflicts, conflicts_csv(groups, excluded))
+    atomic_write_text(pdir.leaks, leaks_csv(leaks))
+    atomic_write_text(pdir.quarantine, csv_text(["path", "split", "class", "reason"], (
         [r["path"], r["split"], r["class"], r["excluded"] or r["error"]]
         for r in rows if r["excluded"] or r["status"] != "ok"
     )))
-    aliases = write_classes_csv(out / "classes.csv", classes, dict(n_train), n_used)
+    aliases = write_classes_csv(pdir.classes, classes, dict(n_train), n_used)
     t_write = time.perf_counter()
 
     empty = [c for c in classes if not n_used.get(c)]
@@ -134,7 +136,7 @@ def prepare(
                        within_class, cross_class, classes, empty,
                        {"read": t_read - t_start, "dedup": t_dedup - t_read, "write": t_write - t_dedup,
                         "total": t_write - t_start})
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+    atomic_write_text(pdir.summary, json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
     c = summary["counts"]
     log(f"prepare: {c['files']} files ({c['bad']} bad, {c['ignored']} OS/zip leftovers ignored), {c['groups']} "
         f"duplicate groups ({c['exact_groups']} exact, {c['near_groups']} near; {c['cross_class_groups']} cross-class, "
@@ -163,11 +165,12 @@ def usable_per_class(
 
 
 def _previous_manifest(out: Path, root: Path, log: Callable[[str], None]) -> list[dict]:
-    path = out / "manifest.csv"
+    pdir = PrepareDir(out)
+    path = pdir.manifest
     if not path.is_file():
         return []
     try:
-        old_root = json.loads((out / "summary.json").read_text(encoding="utf-8")).get("data_root")
+        old_root = json.loads(pdir.summary.read_text(encoding="utf-8")).get("data_root")
     except (OSError, json.JSONDecodeError):
         old_root = None
     if old_root != str(root):

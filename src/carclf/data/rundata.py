@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from carclf.artifacts.prepare import PrepareDir
 from carclf.config import Config
 from carclf.data.merges import MergeMap, build_merge_map, identity, read_merges
 from carclf.data.scan import TrainSet, scan_train
@@ -18,8 +19,9 @@ from carclf.errors import CarclfError
 
 
 def prepare_dir(cfg: Config) -> Path:
-    """Data-level artefacts (manifest, duplicate groups, folds) shared by every run on the same data."""
-    return Path(cfg.out_dir) / "prepare" / Path(cfg.data.root).resolve().name
+    """Data-level artefacts (manifest, duplicate groups, folds) shared by every run on the same data
+    (:class:`carclf.artifacts.prepare.PrepareDir`)."""
+    return PrepareDir.for_data(cfg.out_dir, cfg.data.root).path
 
 
 def run_prepare(cfg: Config, log: Callable[[str], None] = print):
@@ -31,7 +33,7 @@ def run_prepare(cfg: Config, log: Callable[[str], None] = print):
 
     out = prepare_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    with FileLock(out / ".prepare.lock"):
+    with FileLock(PrepareDir(out).lock):
         return prepare(
             cfg.data.root, out,
             near_threshold=None if cfg.data.near_threshold < 0 else cfg.data.near_threshold,

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from carclf.artifacts.oof import read_fold_oof
+from carclf.artifacts.photos import DataDisk, resolve_photo
 from carclf.artifacts.run import RunDir
-from carclf.data.scan import DataDisk, resolve_photo
 
 
 @dataclass
