@@ -323,15 +323,15 @@ def test_an_edited_or_malformed_export_yaml_is_one_line_exit_2(exported, synth_d
 
 def test_an_export_loads_with_its_checksum_and_an_older_one_without(exported, synth_data, tmp_path):
     from carclf.artifacts.export import spec_checksum
-    from carclf.infer.predictor import load_exported_predictor
+    from carclf.infer.predictor import Predictor
 
     doc = yaml.safe_load((exported / "export.yaml").read_text(encoding="utf-8"))
     assert doc["spec_sha256"] == spec_checksum(doc)
     photos = sorted((synth_data / "test").glob("*.jpg"))[:4]
-    p_new, _ = load_exported_predictor(exported).predict(photos, num_workers=0)
+    p_new, _ = Predictor.from_export(exported).predict(photos, num_workers=0)
     old = _copy(exported, tmp_path / "old")
     _edit(old, _old)
-    p_old, _ = load_exported_predictor(old).predict(photos, num_workers=0)
+    p_old, _ = Predictor.from_export(old).predict(photos, num_workers=0)
     np.testing.assert_array_equal(p_new, p_old)
 
 

@@ -47,9 +47,9 @@ def export_dir(synth_data, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def predictor(export_dir):
-    from carclf.infer.predictor import load_exported_predictor
+    from carclf.infer.predictor import Predictor
 
-    return load_exported_predictor(export_dir)
+    return Predictor.from_export(export_dir)
 
 
 @pytest.fixture

@@ -108,11 +108,6 @@ class OwnedFolder:
         return [e for e in sorted(folder.iterdir())
                 if e.name not in self.keep and (self.temps_ours or not is_temp(e.name))]
 
-    def clear(self, folder: Path) -> None:
-        """``--overwrite``: delete what carclf wrote in ``folder`` (refusing as :meth:`owned_entries` says)."""
-        for entry in self.owned_entries(folder):
-            remove_entry(entry)
-
     def check(self, folder: Path, overwrite: bool) -> list[Path]:
         """Whether ``folder`` may be written, deleting nothing: a missing or empty folder may; one holding an earlier
         result of ours only with ``overwrite``; anything else is refused. Returns what ``--overwrite`` will delete."""

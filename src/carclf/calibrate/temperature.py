@@ -7,19 +7,11 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 from carclf.artifacts.oof import read_fold_oof
-from carclf.artifacts.run import FoldPaths, RunDir
+from carclf.artifacts.run import RunDir
 from carclf.io import atomic_write_text
 from carclf.metrics import T_MAX, T_MIN, fit_temperature, logit_nll
 from carclf.tracking import log_fold_figures
-
-
-def load_oof(fold: FoldPaths) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(dataset indices, model labels, logits) of a fold's out-of-fold photos."""
-    z = read_fold_oof(fold, ("indices", "labels", "logits"), ())
-    return z["indices"], z["labels"], z["logits"]
 
 
 def bound_warning(k: int, t: float) -> str:
@@ -42,8 +34,8 @@ def calibrate_run(run_dir: Path | str, log: Callable[[str], None] = print) -> li
     if incomplete:
         log(f"calibrate: fold(s) {', '.join(map(str, incomplete))} not complete yet: calibrating the finished ones")
     for k in rd.completed_folds():
-        fold = rd.fold(k)
-        _, labels, logits = load_oof(fold)
+        z = read_fold_oof(rd.fold(k), ("indices", "labels", "logits"), ())
+        labels, logits = z["labels"], z["logits"]
         t = fit_temperature(logits, labels)
         row = {"fold": k, "temperature": t, "nll_before": logit_nll(logits, labels),
                "nll_after": logit_nll(logits, labels, t),
@@ -52,7 +44,7 @@ def calibrate_run(run_dir: Path | str, log: Callable[[str], None] = print) -> li
         if warning:
             row["warning"] = warning
             log(f"warning: {warning}")
-        atomic_write_text(fold.calibration, json.dumps(row, indent=1))
+        atomic_write_text(rd.fold(k).calibration, json.dumps(row, indent=1))
         rows.append(row)
     log_fold_figures(rd, {r["fold"]: {k: r[k] for k in ("temperature", "nll_before", "nll_after")} for r in rows},
                      "calibration_", log)

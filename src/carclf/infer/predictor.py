@@ -479,5 +479,3 @@ def open_predictor(source: Path | str, engine: str = "torch", device: str = "aut
                           "carclf.export.exporter.onnx_predictor to export it on the fly, as the CLI does")
     return export_run(source, threads=threads, log=log)
 
-
-load_exported_predictor = Predictor.from_export  # the name earlier code used
