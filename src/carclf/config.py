@@ -157,6 +157,18 @@ class TrackConfig:
 
 
 @dataclass
+class DistillConfig:
+    teacher: str = ""  # a run or an ensemble of k-fold runs (same folds): the student learns from its OOF rows
+    alpha: float = 0.5  # loss = (1 - alpha) * hard-label loss + alpha * T^2 * KL(teacher_T || student_T) (Hinton)
+    temperature: float = 2.0  # T: both distributions are softened by it before the KL term
+    unlabeled: str = ""  # "" | test (the data's test photos) | a folder of photos: they train on soft targets only
+    unlabeled_weight: str = "uniform"  # an unlabeled photo's soft term weighs alpha (uniform) or alpha x the
+    #                                    teacher's top probability (confidence)
+    min_confidence: float = 0.0  # unlabeled photos whose teacher top probability is below this are left out
+    allow_partial: bool = False  # a teacher with unfinished folds: train those folds' photos on the hard label alone
+
+
+@dataclass
 class Config:
     name: str = "run"  # runs/<name>/
     out_dir: str = "runs"
@@ -166,6 +178,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -325,6 +338,13 @@ def validate(cfg: Config) -> None:
          "train.full_epochs must be 0 (the folds' choice) or at most train.epochs (its schedule's length)"),
         (0 <= cfg.train.swa_start_epoch < max(cfg.train.epochs, 1),
          "train.swa_start_epoch must be 0 (off) or an epoch before train.epochs"),
+        (0 <= cfg.distill.alpha <= 1, "distill.alpha must be in [0, 1] (0: hard labels alone, 1: teacher alone)"),
+        (0 < cfg.distill.temperature <= 20, "distill.temperature must be in (0, 20] (Hinton's T, typically 1-4)"),
+        (cfg.distill.unlabeled_weight in {"uniform", "confidence"},
+         "distill.unlabeled_weight must be 'uniform' or 'confidence'"),
+        (0 <= cfg.distill.min_confidence < 1, "distill.min_confidence must be in [0, 1)"),
+        (bool(cfg.distill.teacher) or not cfg.distill.unlabeled,
+         "distill.unlabeled needs distill.teacher: the teacher gives the unlabeled photos their targets"),
     ]
     for ok, message in checks:
         if not ok:
@@ -440,6 +460,7 @@ __all__ = [
     "AugConfig",
     "Config",
     "DataConfig",
+    "DistillConfig",
     "ModelConfig",
     "PredictConfig",
     "TrackConfig",

@@ -52,6 +52,7 @@ FULL_DIR = "full"
 TOP_FILES = {"config.yaml", "run.json", "folds.csv", "skipped.csv", "evaluation.json", MARKER}
 FOLD_FILES = {"best.pt", "last.pt", "metrics.csv", "oof.npz", "summary.json", "calibration.json", "curves.png",
               "mlflow_run.json"}
+TEACHER_DIR = "teacher"  # a distilled run's teacher targets and caches (carclf.artifacts.teacher)
 RUN_LOCK_TIMEOUT = 120.0  # seconds to wait for another process's short update of the shared files
 
 
@@ -420,9 +421,18 @@ def _run_entry_unknown(entry: Path) -> list[str]:
         return report
     if entry.is_dir() and (FOLD_RE.fullmatch(name) or name == FULL_DIR):
         known = FOLD_FILES
+    elif entry.is_dir() and name == TEACHER_DIR:
+        return sorted(f"{name}/{c.name}" for c in entry.iterdir() if not is_teacher_file(c.name)
+                      and not is_temp(c.name))
     else:
         return [] if name in TOP_FILES and entry.is_file() else [name]
     return sorted(f"{name}/{c.name}" for c in entry.iterdir() if c.name not in known and not is_temp(c.name))
+
+
+def is_teacher_file(name: str) -> bool:
+    """What carclf writes into a distilled run's ``teacher/`` (``--overwrite`` deletes these and nothing else)."""
+    return name in {"targets.npz", "unlabeled-skipped.csv", "unlabeled-full.npz"} or (
+        name.startswith("unlabeled-fold") and name.endswith(".npz") and name[14:-4].isdigit())
 
 
 # made: the marker, or config.yaml beside run.json for runs made before the marker existed (RunDir.is_run)

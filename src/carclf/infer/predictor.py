@@ -15,6 +15,7 @@ picks one by what the path is (:func:`carclf.artifacts.resolve.kind_of`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import warnings
 from collections.abc import Callable, Sequence
@@ -328,6 +329,26 @@ class Predictor:
 
     def _member_of(self, i: int) -> int:
         return int(self.postprocess["engine_members"][i]) if self.postprocess else 0
+
+    def only_folds(self, keep: set[int]) -> Predictor:
+        """This Predictor with only the engines of the folds ``keep`` (an ensemble: of every member), the rest of
+        it (temperatures, post-processing) unchanged; refused when a member would be left without an engine."""
+        chosen = [i for i, k in enumerate(self.folds) if k in keep]
+        members = {self._member_of(i) for i in chosen}
+        wanted = {self._member_of(i) for i in range(len(self.engines))}
+        if not chosen or members != wanted:
+            names = ([m["name"] for j, m in enumerate(self.postprocess["members"]) if j not in members]
+                     if self.postprocess else [str(self.source)])
+            raise CarclfError(f"'{self.source}': {', '.join(names)} has no model of fold(s) "
+                              f"{', '.join(map(str, sorted(keep)))}")
+        head = None
+        if self.postprocess:
+            remap = {m: j for j, m in enumerate(sorted(members))}
+            head = {**self.postprocess, "engine_members": [remap[self._member_of(i)] for i in chosen]}
+        pick = lambda xs: [xs[i] for i in chosen]  # noqa: E731
+        return dataclasses.replace(self, engines=pick(self.engines), temperatures=pick(self.temperatures),
+                                   folds=pick(self.folds), eval_sizes=pick(self.eval_sizes), postprocess=head,
+                                   runs=pick(self.runs))
 
     # ----------------------------------------------------------------------------------------------- predicting
     def _group_probs(self, loader, engines: list[int], progress: bool, label: str, batches: int

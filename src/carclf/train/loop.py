@@ -50,8 +50,10 @@ from carclf.runtime import (
 )
 from carclf.tracking import Tracker, read_run_id, write_run_id
 from carclf.train.averaging import choose_eval_size, final_candidates, update_ema, update_swa
+from carclf.train.distill import DistillLoss, DistillTargets, batch_targets
 from carclf.train.full import finish_full, full_fit_plan
 from carclf.train.state import Fold, FoldParts, Progress, build_fold
+from carclf.train.teacher import Teacher, fold_distill_targets, load_teacher
 from carclf.tta import parse_policy, policy_views
 
 __all__ = ["build_fold", "check_startable", "set_epoch_switches", "train", "train_fold", "train_one_epoch"]
@@ -102,7 +104,7 @@ def check_startable(rd: RunDir, cfg: Config, resume: bool, overwrite: bool) -> N
         )
 
 
-def record_run_data(rd: RunDir, cfg: Config, data: RunData, resume: bool) -> None:
+def record_run_data(rd: RunDir, cfg: Config, data: RunData, resume: bool, teacher: Teacher | None = None) -> None:
     """Write run.json, folds.csv and skipped.csv (with the run lock held); on resume, refuse data that no longer
     matches the run."""
     meta = {
@@ -116,6 +118,7 @@ def record_run_data(rd: RunDir, cfg: Config, data: RunData, resume: bool) -> Non
         "dropped_classes": data.merge.dropped,
         "lr_effective": effective_lr(cfg),
         "versions": versions(),
+        **({"distill": teacher.info} if teacher is not None else {}),
     }
     if rd.meta_path.is_file():
         old = rd.read_meta()
@@ -152,7 +155,7 @@ def train(
         log = _quiet
     rd = RunDir(cfg.run_dir)
 
-    def start() -> RunData:
+    def start() -> tuple[RunData, Teacher | None]:
         check_startable(rd, cfg, resume, overwrite)  # before the slow data checks
         data = load_run_data(cfg, log)  # bad data fails here, before the run directory is created or emptied
         with rd.run_lock():
@@ -162,10 +165,11 @@ def train(
                 log(f"--overwrite: deleted the earlier run in '{rd.path}'")
             _log_removed(rd.remove_stale_temps(), log)  # the run lock is held: no live writer of those files
             rd.create(cfg)
-            record_run_data(rd, cfg, data, resume)
-        return data
+            teacher = load_teacher(cfg, data, rd, log)  # checked before the first epoch; its targets fixed
+            record_run_data(rd, cfg, data, resume, teacher)
+        return data, teacher
 
-    data = on_main(start)
+    data, teacher = on_main(start)
     for line in data.skipped_lines(rd.skipped_csv):  # the first 10, then "... and N more"
         log(line)
     for k in parse_folds(cfg.train.folds, cfg.data.n_folds):
@@ -181,7 +185,7 @@ def train(
                 continue
             with start_tracker(cfg, rd, k, log, enabled=info.is_main) as tracker:
                 summary = train_fold(cfg, k, data, rd, on_epoch_end=on_epoch_end, log=log, device=device,
-                                     tracker=tracker)
+                                     tracker=tracker, teacher=teacher)
                 fp = rd.fold(k)
                 tracker.log_metrics({key: v for key, v in summary.items() if key.startswith("oof_")},
                                     step=cfg.train.epochs)
@@ -219,12 +223,19 @@ def _quiet(message: str) -> None:
 
 def _prepare_batch(parts: FoldParts, cfg: Config, x: torch.Tensor, y: torch.Tensor,
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A training batch on ``device``: normalised, randomly erased, in the run's memory format, mixed."""
+    """A training batch on ``device``: normalised, randomly erased, in the run's memory format, mixed. Distilling,
+    ``y`` holds row numbers and the batch's targets come back as train/distill.py's DistillBatch."""
     x, y = parts.normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
     if parts.erasing is not None:
         x = parts.erasing(x)
     if cfg.train.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
+    if parts.distill is not None:
+        if parts.mixup is not None:
+            if len(x) % 2:
+                x, y = x[:-1], y[:-1]
+            x, _ = parts.mixup(x, parts.distill.hard[y.long().cpu()].to(device))  # mixes x, records lam
+        return x, batch_targets(parts.distill, y, parts.criterion.base, parts.mixup, device)
     if parts.mixup is not None:
         if len(x) % 2:  # timm's Mixup pairs samples and needs an even batch
             x, y = x[:-1], y[:-1]
@@ -330,6 +341,7 @@ def train_fold(
     log: Callable[[str], None] = print,
     device: torch.device | None = None,
     tracker: Tracker | None = None,
+    teacher: Teacher | None = None,
 ) -> dict:
     """Train fold ``k``; write metrics.csv, best.pt, last.pt and oof.npz into the run's ``fold<k>/``: set up, resume
     from last.pt (if there is one), train the epochs, then choose and write the fold's final model and OOF logits.
@@ -337,7 +349,7 @@ def train_fold(
     Distributed (torchrun): each rank trains on its share of every batch (``data.batch_size`` per process), the
     validation logits are gathered so every rank sees the same figures (and stops early together), and rank 0 alone
     writes files and, at the end, scores the final candidates and writes the out-of-fold logits."""
-    fold = setup_fold(cfg, k, data, rd, device or select_device(cfg.train.device), log)
+    fold = setup_fold(cfg, k, data, rd, device or select_device(cfg.train.device), log, teacher)
     progress = resume_fold(fold, log)
     for epoch in range(progress.start_epoch, fold.n_epochs):
         row = train_epoch(fold, progress, epoch)
@@ -355,14 +367,20 @@ def train_fold(
     return on_main(lambda: finish_fold(fold, progress, log))
 
 
-def _datasets(cfg: Config, data: RunData, tr_idx: np.ndarray,
-              va_idx: np.ndarray) -> tuple[ImageDataset, ImageDataset, int, dict[int, int]]:
-    """The fold's training and validation photos, the training size and its progressive-resizing schedule."""
+def _datasets(cfg: Config, data: RunData, tr_idx: np.ndarray, va_idx: np.ndarray,
+              distill: DistillTargets | None = None,
+              unlabeled: list[Path] = ()) -> tuple[ImageDataset, ImageDataset, int, dict[int, int]]:
+    """The fold's training and validation photos, the training size and its progressive-resizing schedule.
+    Distilling, the unlabeled photos follow the labeled ones and a photo's label is its row in ``distill``."""
     dcfg = data_config_for(cfg)
     size = dcfg["input_size"][1]
     paths, labels = np.array(data.trainset.paths, dtype=object), data.labels
+    train_paths, train_labels = list(paths[tr_idx]), labels[tr_idx]
+    if distill is not None:
+        train_paths += list(unlabeled)
+        train_labels = np.arange(len(train_paths))  # substitution for a bad photo then keeps image and targets paired
     train_ds = ImageDataset(
-        paths[tr_idx], labels[tr_idx], train_transform(dcfg, cfg.aug), size, cfg.data.draft_factor, substitute=True,
+        train_paths, train_labels, train_transform(dcfg, cfg.aug), size, cfg.data.draft_factor, substitute=True,
         max_pixels=cfg.data.max_pixels,
     )
     val_ds = ImageDataset(
@@ -392,8 +410,9 @@ def _distribute(parts: FoldParts, cfg: Config, device: torch.device) -> None:
 
 
 def setup_fold(cfg: Config, k: int, data: RunData, rd: RunDir, device: torch.device,
-               log: Callable[[str], None]) -> Fold:
-    """Photos, loaders and parts of fold ``k``, with last.pt read when the fold resumes."""
+               log: Callable[[str], None], teacher: Teacher | None = None) -> Fold:
+    """Photos, loaders and parts of fold ``k``, with last.pt read when the fold resumes; distilling, the teacher's
+    targets of its photos (and its unlabeled photos, predicted by the teacher's fold-k models)."""
     t = cfg.train
     rank, world = rank_world()
     configure_backends(device, t.tf32, t.cudnn_benchmark)
@@ -408,13 +427,17 @@ def setup_fold(cfg: Config, k: int, data: RunData, rd: RunDir, device: torch.dev
     plan = None
     if fp.is_full:  # the full-data fit: every usable photo, no validation (train/full.py); resumed: the same plan
         plan = (saved or {}).get("plan") or full_fit_plan(rd, cfg, log)
-    train_ds, val_ds, size, schedule = _datasets(cfg, data, tr_idx, va_idx)
+    distill, unlabeled = (None, []) if teacher is None else on_main(
+        lambda: fold_distill_targets(teacher, cfg, rd, k, data, tr_idx, log))
+    train_ds, val_ds, size, schedule = _datasets(cfg, data, tr_idx, va_idx, distill, unlabeled)
     per_rank = -(-len(train_ds) // world)
     bs = min(cfg.data.batch_size, per_rank)
     batches = per_rank // bs if per_rank > bs else 1
     seed_everything(t.seed * 1000 + k)
     parts = build_fold(cfg, len(data.classes), math.ceil(batches / t.accum_steps), device, data.labels[tr_idx],
                        data.classes)
+    if distill is not None:
+        parts.distill, parts.criterion = distill, DistillLoss(parts.criterion, distill.temperature)
     if world > 1:
         _distribute(parts, cfg, device)
     pin = device.type == "cuda"
@@ -480,7 +503,8 @@ def train_epoch(fold: Fold, progress: Progress, epoch: int) -> dict:
                           desc=f"{fold_name(k)} epoch {epoch + 1}/{t.epochs}")
     progress.step = step = out["step"]
     update_swa(parts, t.swa_start_epoch, epoch)
-    progress.bad.extend(int(fold.tr_idx[i]) for i in out["bad"])
+    # (distilling, rows past the labeled photos are unlabeled ones: not training photos, not in skipped.csv)
+    progress.bad.extend(int(fold.tr_idx[i]) for i in out["bad"] if i < len(fold.tr_idx))
     s = _validate(fold, progress.bad)
     if fold.world > 1:
         out = _reduce_epoch(out)

@@ -46,6 +46,11 @@ class ClassificationLoss(nn.Module):
         return onehot * (1 - self.label_smoothing) + self.label_smoothing / n
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.per_photo(logits, target).mean()
+
+    def per_photo(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The loss of each photo (the distillation loss weighs them); target rows may be scaled (a zero row: no
+        hard label)."""
         logp = F.log_softmax(logits.float(), dim=1)
         t = self.soft_targets(target, logits.shape[1])
         if self.class_weights is not None:
@@ -56,7 +61,7 @@ class ClassificationLoss(nn.Module):
         if self.w > 0:
             modulation = (1 - logp.exp()).clamp_min(0) ** self.gamma
             loss = loss + self.w * -(t * modulation * logp).sum(1)
-        return loss.mean()
+        return loss
 
 
 def class_weights_for(spec: str, classes: list[str], labels: np.ndarray) -> torch.Tensor | None:

@@ -4,6 +4,7 @@ which last.pt records besides the weights)."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ class FoldParts:
     erasing: Callable | None
     normalize: Callable
     ddp: nn.Module | None = None
+    distill: Any = None  # train/distill.py's DistillTargets (the batch's labels are their row numbers), or None
 
     @property
     def primary(self) -> str:
@@ -100,13 +102,32 @@ def _optimizer_and_schedule(cfg: Config, model: nn.Module, steps_per_epoch: int)
     return optimizer, scheduler
 
 
+@functools.cache
+def _recording_mixup() -> type:
+    from timm.data import Mixup
+
+    class RecordingMixup(Mixup):
+        """timm's Mixup (batch mode), remembering the last batch's ``lam`` so distillation mixes the teacher's
+        targets with the same weight and partner (train/distill.py). Draws exactly what Mixup draws."""
+
+        lam = 1.0
+
+        def _mix_batch(self, x):  # noqa: ANN001, ANN202 - timm's signature
+            self.lam = super()._mix_batch(x)
+            return self.lam
+
+    return RecordingMixup
+
+
+def RecordingMixup(**kwargs: Any) -> Any:  # noqa: N802 - a class, built on first use (timm imports lazily)
+    return _recording_mixup()(**kwargs)
+
+
 def _augmentations(cfg: Config, n_classes: int, device: torch.device) -> tuple[Any, Any]:
     """timm's Mixup/CutMix and RandomErasing, each None when the recipe has it off."""
     mixup = erasing = None
     if cfg.aug.mixup > 0 or cfg.aug.cutmix > 0:
-        from timm.data import Mixup
-
-        mixup = Mixup(
+        mixup = RecordingMixup(
             mixup_alpha=cfg.aug.mixup, cutmix_alpha=cfg.aug.cutmix, prob=cfg.aug.mixup_prob,
             switch_prob=cfg.aug.mixup_switch_prob, label_smoothing=cfg.train.label_smoothing, num_classes=n_classes,
         )

@@ -1,0 +1,326 @@
+"""The teacher of a distilled run (``distill.teacher``): its honest targets, checked, and its unlabeled photos.
+
+Honesty, the rules this module enforces:
+
+* a labeled training photo's target is the teacher's **out-of-fold** row for it (a k-fold run, or an ensemble of
+  k-fold runs): predicted by the teacher model that did not train on that photo, never by a fold model on its own
+  training photos (nearly one-hot, and a leak);
+* the student's folds are the teacher's folds (refused otherwise, with the keys to set), so the photos a student fold
+  validates on are the ones the teacher held out too, and their own teacher rows are never training targets;
+* an unlabeled photo's target for student fold k comes from the teacher's fold-k models alone, the ones that never
+  saw fold k's photos; unlabeled photos only ever join training, never validation or the out-of-fold rows, and a
+  byte-for-byte copy of a labeled photo is left out.
+
+What remains (README, "Distillation"): the teacher models that produced fold j's rows trained on the other folds, the
+student's validation fold among them, so a little of what the teacher learnt from that fold reaches the student
+through the other folds' targets. The benchmark measures that on photos no model trained on.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from carclf.artifacts.ensemble import member_run, read_ensemble
+from carclf.artifacts.oof import load_oof
+from carclf.artifacts.prepare import PrepareDir
+from carclf.artifacts.resolve import ENSEMBLE, RUN, require
+from carclf.artifacts.run import FULL, RunDir, fold_name
+from carclf.artifacts.teacher import TeacherDir, photo_sha1, teacher_checksum
+from carclf.config import Config
+from carclf.data.manifest import read_manifest
+from carclf.data.merges import MergeMap
+from carclf.data.rundata import RunData, prepare_dir
+from carclf.data.scan import IMAGE_EXTS, os_leftover, scan_test
+from carclf.errors import CarclfError
+from carclf.train.distill import DistillTargets
+
+__all__ = ["Teacher", "fold_distill_targets", "load_teacher", "to_student_classes", "unlabeled_photos"]
+
+
+def _listed(names: list[str], n: int = 5) -> str:
+    return ", ".join(f"'{c}'" for c in names[:n]) + (f" ... ({len(names)} in all)" if len(names) > n else "")
+
+
+def to_student_classes(probs: np.ndarray, columns: list[str], merge: MergeMap, source: str) -> np.ndarray:
+    """Teacher probabilities over ``columns`` -> over the student's model classes. Columns that are the student's
+    classes pass through; columns that are the student's original (pre-merge) classes are summed into its merged
+    classes (a dropped class's mass is left out and the rows renormalised). Anything else is refused, by name."""
+    if list(columns) == list(merge.classes):
+        return np.asarray(probs, dtype=np.float64)
+    if list(columns) == list(merge.original):
+        out = np.zeros((len(probs), len(merge.classes)))
+        keep = np.asarray(merge.label_map) >= 0
+        np.add.at(out.T, np.asarray(merge.label_map)[keep], np.asarray(probs, dtype=np.float64).T[keep])
+        return out / np.maximum(out.sum(axis=1, keepdims=True), 1e-300)
+    missing = [c for c in merge.classes if c not in columns]
+    extra = [c for c in columns if c not in merge.classes and c not in merge.original]
+    raise CarclfError(
+        f"distill.teacher '{source}' predicts other classes than the student trains on: "
+        + (f"missing from the teacher: {_listed(missing)}; " if missing else "")
+        + (f"not in the student's data: {_listed(extra)}; " if extra else "")
+        + ("the same names in another order or merged differently; " if not missing and not extra else "")
+        + "distil on the data (and data.merges) the teacher was trained on"
+    )
+
+
+def _split_settings(path: Path, kind: str) -> tuple[RunDir, Config]:
+    """The run whose folds the teacher's rows follow (an ensemble: its first member's) and its config."""
+    if kind == RUN:
+        rd = RunDir.open(path)
+    else:
+        doc = read_ensemble(path)
+        rd = RunDir.open(member_run(path, doc["members"][0]))
+    return rd, rd.read_config()
+
+
+def _fold_hint(cfg: Config) -> str:
+    d = cfg.data
+    return f"data.n_folds={d.n_folds} data.fold_seed={d.fold_seed} data.fold_policy={d.fold_policy}"
+
+
+@dataclass
+class Teacher:
+    """The checked teacher: its targets over the student's classes and the unlabeled photos to predict."""
+
+    path: Path
+    kind: str  # run | ensemble
+    checksum: str
+    paths: np.ndarray  # relpaths of the training photos with a teacher row
+    folds: np.ndarray  # the fold each row was held out in
+    probs: np.ndarray  # (n, classes) calibrated teacher probabilities
+    unlabeled: list[Path] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # unlabeled photos left out, with the reason
+    info: dict = field(default_factory=dict)  # run.json's ``distill`` entry
+
+    def rows(self) -> dict[str, int]:
+        return {p: i for i, p in enumerate(self.paths)}
+
+
+def _check_folds(oof_paths: np.ndarray, oof_folds: np.ndarray, data: RunData, source: str, hint: str) -> None:
+    """Every teacher row's fold is the student's fold of that photo."""
+    student = dict(zip(data.trainset.relpaths(), data.folds.tolist(), strict=True))
+    wrong = [(p, int(f), student[p]) for p, f in zip(oof_paths, oof_folds, strict=True)
+             if p in student and student[p] != int(f)]
+    if wrong:
+        p, tf, sf = wrong[0]
+        raise CarclfError(
+            f"distill.teacher '{source}': the student's folds differ from the teacher's ({len(wrong)} photos are in "
+            f"another fold, e.g. '{p}': teacher fold {tf}, student fold {sf}). A student fold must validate on the "
+            f"photos the teacher held out: train on the teacher's data with {hint}"
+        )
+
+
+def _incomplete(oof_folds: np.ndarray, data: RunData, cfg: Config, source: str) -> list[int]:
+    """The student folds with no teacher row; refused (naming the folds and the photos that would fall back) unless
+    ``distill.allow_partial``."""
+    have = {int(f) for f in np.unique(oof_folds)}
+    missing = [k for k in range(cfg.data.n_folds) if k not in have]
+    if missing and not cfg.distill.allow_partial:
+        n = int(np.isin(data.folds[data.usable()], missing).sum())
+        raise CarclfError(
+            f"distill.teacher '{source}' has no out-of-fold rows for fold(s) {', '.join(map(str, missing))} (not "
+            f"trained or not finished): {n} training photos would fall back to their hard labels. Finish the "
+            "teacher (carclf train ... train.folds=all --resume), or pass distill.allow_partial=true"
+        )
+    return missing
+
+
+def _fresh_targets(cfg: Config, data: RunData, path: Path, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The teacher's OOF rows for the student's photos, checked: classes, folds, completeness."""
+    oof = load_oof(path)
+    source = str(path)
+    t_rd, t_cfg = _split_settings(path, kind)
+    if t_cfg.data.n_folds != cfg.data.n_folds:
+        raise CarclfError(
+            f"distill.teacher '{source}' was cross-validated in {t_cfg.data.n_folds} folds, the student in "
+            f"{cfg.data.n_folds}: train the student with {_fold_hint(t_cfg)}")
+    probs = to_student_classes(oof.probs, oof.classes, data.merge, source)
+    _check_folds(oof.paths, oof.folds, data, source, _fold_hint(t_cfg))
+    _incomplete(oof.folds, data, cfg, source)
+    return oof.paths.astype(str), oof.folds.astype(np.int64), probs
+
+
+def load_teacher(cfg: Config, data: RunData, rd: RunDir, log: Callable[[str], None] = print) -> Teacher | None:
+    """The run's teacher (None without ``distill.teacher``). The first start checks it and fixes its targets in
+    ``teacher/targets.npz``; a resume checks that the teacher is unchanged (its checksum) and reads them back, so the
+    resumed run trains on exactly the same targets."""
+    d = cfg.distill
+    if not d.teacher:
+        return None
+    path = Path(d.teacher)
+    kind = require(path, (RUN, ENSEMBLE), doing="train distill.teacher=")
+    if path.resolve() == rd.path.resolve():
+        raise CarclfError(f"distill.teacher '{path}' is this run itself: name another run or an ensemble")
+    checksum = teacher_checksum(path)
+    td = TeacherDir(rd.path)
+    if td.targets.is_file():
+        saved = td.read_targets()
+        if saved["checksum"] != checksum:
+            raise CarclfError(
+                f"distill.teacher '{path}' changed since '{rd.path}' started (its checksum was "
+                f"{saved['checksum'][:12]}, now {checksum[:12]}: retrained, recalibrated or rebuilt): resume needs "
+                "the teacher the run started with; put it back, or start a new run name")
+        if saved["classes"] != list(data.classes):
+            raise CarclfError(f"'{td.targets}' holds other classes than the run: start a new run name")
+        paths, folds, probs = saved["paths"], saved["folds"], saved["probs"]
+    else:
+        paths, folds, probs = _fresh_targets(cfg, data, path, kind)
+    teacher = Teacher(path, kind, checksum, paths, folds, np.asarray(probs, dtype=np.float32))
+    if d.unlabeled:
+        teacher.unlabeled, teacher.skipped = unlabeled_photos(cfg, data, log)
+    usable = np.array(data.trainset.relpaths(), dtype=object)[data.usable()]
+    with_row = int(np.isin(usable, paths).sum())
+    teacher.info = {
+        "teacher": str(path), "teacher_abs": str(path.resolve()), "kind": kind, "checksum": checksum,
+        "alpha": d.alpha, "temperature": d.temperature, "unlabeled": d.unlabeled,
+        "unlabeled_weight": d.unlabeled_weight, "min_confidence": d.min_confidence,
+        "photos_with_target": with_row, "photos_hard_only": int(len(usable) - with_row),
+        "unlabeled_photos": len(teacher.unlabeled), "unlabeled_skipped": len(teacher.skipped),
+    }
+    if not td.targets.is_file():
+        td.write_targets(checksum, list(data.classes), paths, folds, probs)
+    if teacher.skipped:
+        td.write_skipped(teacher.skipped)
+    log(f"distill: teacher {kind} '{path}' (alpha {d.alpha:g}, T {d.temperature:g}): {with_row} of {len(usable)} "
+        f"training photos have an out-of-fold target" + (f", {len(usable) - with_row} train on the hard label alone"
+                                                          if with_row < len(usable) else "")
+        + (f"; {len(teacher.unlabeled)} unlabeled photos ({d.unlabeled})" if d.unlabeled else ""))
+    return teacher
+
+
+def _folder_photos(folder: Path) -> list[Path]:
+    """Photos under ``folder`` (recursively), OS and zip leftovers (``__MACOSX``, ``._x.jpg``) left out."""
+    out = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not os_leftover(d))
+        out += [Path(root) / f for f in sorted(files)
+                if Path(f).suffix.lower() in IMAGE_EXTS and not os_leftover(f)]
+    return out
+
+
+def unlabeled_photos(cfg: Config, data: RunData, log: Callable[[str], None] = print
+                     ) -> tuple[list[Path], dict[str, str]]:
+    """``distill.unlabeled``: the data's test photos (``test``) or a folder's; byte copies of a labeled photo are
+    left out (they would carry a validation photo into training), listed with the reason."""
+    spec = cfg.distill.unlabeled
+    if spec == "test":
+        try:
+            photos = list(scan_test(cfg.data.root).paths)
+        except CarclfError as exc:
+            raise CarclfError(f"distill.unlabeled=test: {exc}") from None
+    else:
+        folder = Path(spec)
+        if not folder.is_dir():
+            raise CarclfError(f"distill.unlabeled='{spec}' is neither 'test' nor a folder of photos")
+        photos = _folder_photos(folder)
+    if not photos:
+        raise CarclfError(f"distill.unlabeled='{spec}' holds no photos ({', '.join(sorted(IMAGE_EXTS))})")
+    labeled = {r["sha1"] for r in read_manifest(PrepareDir(prepare_dir(cfg)).manifest)
+               if r.get("sha1") and r.get("split") == "train"}
+    if not labeled:  # no manifest of this version: hash the labeled photos here
+        labeled = {photo_sha1(p) for p in data.trainset.paths}
+    keep, skipped = [], {}
+    for p in photos:
+        sha = photo_sha1(p)
+        if not sha:
+            skipped[str(p)] = "unreadable file"
+        elif sha in labeled:
+            skipped[str(p)] = "a copy of a labeled training photo"
+        else:
+            keep.append(p)
+    if not keep:
+        raise CarclfError(f"distill.unlabeled='{spec}': none of its {len(photos)} photos is usable (unreadable or "
+                          f"copies of labeled photos; see {TeacherDir(cfg.run_dir).skipped_csv})")
+    for line in _skipped_lines(skipped):
+        log(line)
+    return keep, skipped
+
+
+def _skipped_lines(skipped: dict[str, str], limit: int = 5) -> list[str]:
+    if not skipped:
+        return []
+    lines = [f"distill: leaving {len(skipped)} unlabeled photo(s) out:"]
+    lines += [f"  {p}: {why}" for p, why in list(skipped.items())[:limit]]
+    if len(skipped) > limit:
+        lines.append(f"  ... and {len(skipped) - limit} more (all in teacher/unlabeled-skipped.csv)")
+    return lines
+
+
+def unlabeled_targets(teacher: Teacher, cfg: Config, rd: RunDir, k: int, data: RunData,
+                      log: Callable[[str], None] = print) -> tuple[list[Path], np.ndarray]:
+    """Student fold k's unlabeled photos and their teacher probabilities (student classes), predicted by the
+    teacher's fold-k models alone (the full-data fit: every fold's), cached in ``teacher/unlabeled-fold<k>.npz`` by
+    teacher checksum and photo SHA-1: a resumed fold predicts nothing again. Photos that fail to decode are left
+    out and listed; ``distill.min_confidence`` leaves out the uncertain ones."""
+    td = TeacherDir(rd.path)
+    photos = teacher.unlabeled
+    sha = [photo_sha1(p) for p in photos]
+    cached = td.read_unlabeled(k, teacher.checksum)
+    known = {} if cached is None else {s: i for i, s in enumerate(cached["sha1"])}
+    todo = [i for i, s in enumerate(sha) if s not in known]
+    probs = np.zeros((len(photos), len(data.classes)), dtype=np.float32)
+    ok = np.ones(len(photos), dtype=bool)
+    for i, s in enumerate(sha):
+        if s in known:
+            probs[i], ok[i] = cached["probs"][known[s]], cached["ok"][known[s]]
+    if todo:
+        log(f"distill: the teacher's {fold_name(k)} models predict {len(todo)} unlabeled photos")
+        predictor = _fold_predictor(teacher, cfg, k)
+        p, bad = predictor.predict([photos[i] for i in todo], progress=True, fill_bad=False)
+        p = to_student_classes(np.nan_to_num(p, nan=1.0), predictor.output_classes, data.merge, str(teacher.path))
+        failed = set(bad)
+        for j, i in enumerate(todo):
+            probs[i], ok[i] = p[j], j not in failed
+        td.write_unlabeled(k, teacher.checksum, [str(x) for x in photos], sha, probs, ok)
+    if (~ok).any():
+        newly = {str(photos[i]): "failed to decode" for i in np.where(~ok)[0]}
+        teacher.skipped.update(newly)
+        td.write_skipped(teacher.skipped)
+        for line in _skipped_lines(newly):
+            log(line)
+    confident = probs.max(axis=1) >= cfg.distill.min_confidence
+    if cfg.distill.min_confidence and (ok & ~confident).any():
+        log(f"distill: {int((ok & ~confident).sum())} unlabeled photos below distill.min_confidence="
+            f"{cfg.distill.min_confidence:g} left out of {fold_name(k)}")
+    keep = ok & confident
+    return [photos[i] for i in np.where(keep)[0]], probs[keep]
+
+
+def _fold_predictor(teacher: Teacher, cfg: Config, k: int):
+    """The teacher's models that never saw student fold k's photos: its fold-k models (the full-data fit: all)."""
+    from carclf.infer.predictor import Predictor
+
+    if teacher.kind == RUN:
+        folds = None if k == FULL else [k]
+        return Predictor.from_run(teacher.path, device=cfg.train.device, folds=folds)
+    predictor = Predictor.from_ensemble(teacher.path, device=cfg.train.device)
+    return predictor if k == FULL else predictor.only_folds({k})
+
+
+
+def fold_distill_targets(teacher: Teacher, cfg: Config, rd: RunDir, k: int, data: RunData, tr_idx: np.ndarray,
+                         log: Callable[[str], None] = print) -> tuple[DistillTargets, list[Path]]:
+    """Fold k's distillation targets: per training photo its teacher row (held out in another fold than k: the
+    honesty rule, checked again here), then the unlabeled photos (:func:`unlabeled_targets`)."""
+    rel = np.array(data.trainset.relpaths(), dtype=object)[tr_idx]
+    index = teacher.rows()
+    at = np.array([index.get(p, -1) for p in rel], dtype=np.int64)
+    has = at >= 0
+    if k != FULL and (teacher.folds[at[has]] == k).any():
+        raise CarclfError(f"{fold_name(k)}: a teacher row held out in fold {k} is a training target of fold {k}: "
+                          "the student's folds differ from the teacher's; start a new run name")
+    probs = np.zeros((len(rel), teacher.probs.shape[1]), dtype=np.float64)
+    probs[has] = teacher.probs[at[has]]
+    unlabeled, unl_probs = ([], np.zeros((0, probs.shape[1]))) if not teacher.unlabeled else unlabeled_targets(
+        teacher, cfg, rd, k, data, log)
+    d = cfg.distill
+    log(f"distill {fold_name(k)}: {int(has.sum())} photos learn from the teacher, {int((~has).sum())} from their "
+        f"label alone, {len(unlabeled)} unlabeled photos from the teacher alone")
+    targets = DistillTargets.build(data.labels[tr_idx], probs, has, np.asarray(unl_probs, dtype=np.float64), d.alpha,
+                                   d.temperature, d.unlabeled_weight == "confidence")
+    return targets, unlabeled
