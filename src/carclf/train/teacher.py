@@ -170,6 +170,9 @@ def load_teacher(cfg: Config, data: RunData, rd: RunDir, log: Callable[[str], No
         paths, folds, probs = saved["paths"], saved["folds"], saved["probs"]
     else:
         paths, folds, probs = _fresh_targets(cfg, data, path, kind)
+        if kind == RUN and not any(RunDir(path).fold(k).calibration.is_file() for k in RunDir(path).completed_folds()):
+            log(f"warning: distill.teacher '{path}' is not calibrated (temperature 1): its targets are as over- or "
+                f"under-confident as its raw softmax; run carclf calibrate {path} first, or distil from an ensemble")
     teacher = Teacher(path, kind, checksum, paths, folds, np.asarray(probs, dtype=np.float32))
     if d.unlabeled:
         teacher.unlabeled, teacher.skipped = unlabeled_photos(cfg, data, log)

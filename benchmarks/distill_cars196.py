@@ -1,0 +1,201 @@
+"""Benchmark: knowledge distillation on cars196: a teacher ensemble, a lite0 student at one view without and with
+the teacher, with and without unlabeled photos; OOF and held-out figures, training time and peak memory, and the
+distilled student's one-model export under load.
+
+    python benchmarks/distill_cars196.py                 # everything; resumable: run it again after an interruption
+    python benchmarks/distill_cars196.py --epochs 4 --folds 3 --student-size 112 --teacher-size 128  # the defaults
+
+How the data are carved (deterministic): of each cars196 class, a seeded 20% of its photos go to a *pool* folder
+(flat, renamed ``<n>.jpg``, so no file or folder name gives the class away); the other 80% are the labeled training
+data (``train/<class>/``, symlinks). The pool is (a) the unlabeled photos of the last student
+(``distill.unlabeled=POOL``) and (b), for every other model, photos no model trained on: a held-out check that
+the OOF figures are honest. Its labels live beside it in ``pool_labels.csv``, outside the data root.
+
+Steps (each skipped when its output is complete, so a rerun continues where an interrupted one stopped):
+  1. ``plain``     the student without a teacher: lite0 at S px (x 1.89 wide), no TTA, K folds x E epochs
+  2. ``teacher``   lite0 at T px with hflip TTA, same folds and schedule; both calibrated
+  3. ``ens``       ``carclf ensemble teacher plain``: the teacher ensemble
+  4. ``distill``   the student with ``distill.teacher=ens``
+  5. ``distill-u`` the same plus ``distill.unlabeled=POOL``
+  6. a fold-0 one-model export of the distilled student, served under ``benchmarks/serve_load.py``
+Training commands run under ``/usr/bin/time`` (wall seconds, peak RSS of the largest process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cars196"
+CARCLF = [sys.executable, "-m", "carclf"]
+
+
+def carve(src: Path, out: Path, share: float = 0.2, seed: int = 0) -> tuple[Path, Path]:
+    """data/train/<class>/ (symlinks, 80%) and pool/<n>.jpg (symlinks, 20%) + pool_labels.csv; once."""
+    data, pool, labels = out / "data", out / "pool", out / "pool_labels.csv"
+    if labels.is_file():
+        return data, pool
+    for p in (data, pool):
+        if p.exists():
+            shutil.rmtree(p)
+    rng = np.random.default_rng(seed)
+    rows, n = [], 0
+    for cls in sorted(d for d in (src / "train").iterdir() if d.is_dir()):
+        photos = sorted(p for p in cls.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+        chosen = set(rng.choice(len(photos), size=max(1, round(share * len(photos))), replace=False).tolist())
+        (data / "train" / cls.name).mkdir(parents=True, exist_ok=True)
+        for i, p in enumerate(photos):
+            if i in chosen:
+                pool.mkdir(parents=True, exist_ok=True)
+                name = f"{n:05d}{p.suffix.lower()}"
+                (pool / name).symlink_to(p.resolve())
+                rows.append((name, cls.name))
+                n += 1
+            else:
+                (data / "train" / cls.name / p.name).symlink_to(p.resolve())
+    with open(labels.with_suffix(".tmp"), "w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows([("file", "class"), *rows])
+    os.replace(labels.with_suffix(".tmp"), labels)
+    return data, pool
+
+
+def run(cmd: list[str], timing: Path | None = None) -> dict:
+    """Run a command (under /usr/bin/time when ``timing``); its wall seconds and peak RSS."""
+    print("$ " + " ".join(map(str, cmd)), flush=True)
+    if timing is None:
+        subprocess.run(cmd, check=True)
+        return {}
+    subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", str(timing), *map(str, cmd)], check=True)
+    wall, rss_kb = timing.read_text().split()[-2:]
+    return {"wall_s": float(wall), "peak_rss_mib": round(int(rss_kb) / 1024, 1)}
+
+
+def trained(run_dir: Path, folds: int) -> bool:
+    return all((run_dir / f"fold{k}" / "oof.npz").is_file() for k in range(folds))
+
+
+def score_oof(path: Path) -> dict:
+    from carclf.artifacts.oof import load_oof
+    from carclf.metrics import score
+
+    oof = load_oof(path)
+    s = score(oof.probs, oof.labels)
+    return {"oof_log_loss": round(s["log_loss"], 4), "oof_accuracy": round(s["accuracy"], 4), "oof_rows": len(oof)}
+
+
+def score_pool(path: Path, pool: Path, labels_csv: Path) -> dict:
+    from carclf.infer.predictor import Predictor
+    from carclf.metrics import score
+
+    with open(labels_csv, encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    predictor = Predictor.open(path, device="cpu")
+    probs, bad = predictor.predict_paths([pool / r["file"] for r in rows])
+    index = {c: i for i, c in enumerate(predictor.output_classes)}
+    y = np.array([index[r["class"]] for r in rows])
+    s = score(probs, y)
+    return {"pool_log_loss": round(s["log_loss"], 4), "pool_accuracy": round(s["accuracy"], 4), "pool_rows": len(y),
+            "pool_bad": len(bad)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(DEFAULT_DATA))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "distill"))
+    ap.add_argument("--folds", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--student-size", type=int, default=112)
+    ap.add_argument("--teacher-size", type=int, default=128)
+    ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--temperature", type=float, default=2.0)
+    ap.add_argument("--requests", type=int, default=600)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data, pool = carve(Path(args.data), out)
+    runs = out / "runs"
+    results_file = out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    results["machine"] = {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version()}
+    results["settings"] = vars(args)
+
+    def save() -> None:
+        results_file.write_text(json.dumps(results, indent=1))
+
+    common = [f"data.root={data}", f"out_dir={runs}", f"data.n_folds={args.folds}", "train.folds=all",
+              f"train.epochs={args.epochs}", "train.swa_start_epoch=0", "train.warmup_epochs=0.3",
+              "predict.oof_views=hflip", "predict.oof_features=false", "track.enabled=false"]
+    student = [f"data.img_size={args.student_size}", "predict.tta=none"]
+    distill = [f"distill.alpha={args.alpha}", f"distill.temperature={args.temperature}"]
+    steps = {
+        "plain": student,
+        "teacher": [f"data.img_size={args.teacher_size}", "predict.tta=hflip"],
+        "distill": [*student, f"distill.teacher={out / 'ens'}", *distill],
+        "distill-u": [*student, f"distill.teacher={out / 'ens'}", *distill, f"distill.unlabeled={pool}"],
+    }
+    for name, extra in steps.items():
+        if name.startswith("distill") and not (out / "ens" / "ensemble.yaml").is_file():
+            for member in ("plain", "teacher"):
+                run([*CARCLF, "calibrate", runs / member])
+            run([*CARCLF, "ensemble", runs / "teacher", runs / "plain", "-o", out / "ens", "--overwrite"])
+            results["ens"] = {**score_oof(out / "ens"), **score_pool(out / "ens", pool, out / "pool_labels.csv")}
+            save()
+        rd = runs / name
+        if not trained(rd, args.folds):
+            resume = ["--resume"] if rd.is_dir() else []
+            t = run([*CARCLF, "train", "-c", ROOT / "configs" / "cpu-lite0.yaml", f"name={name}", *common, *extra, *resume],
+                    out / f"{name}.time")
+            if not resume:  # a resumed run's time is not the run's time
+                results.setdefault(name, {}).update(t)
+            run([*CARCLF, "calibrate", rd])
+        if "oof_log_loss" not in results.get(name, {}):
+            if not (rd / "fold0" / "calibration.json").is_file():
+                run([*CARCLF, "calibrate", rd])
+            results.setdefault(name, {}).update(score_oof(rd))
+            results[name].update(score_pool(rd, pool, out / "pool_labels.csv"))
+            results[name]["epoch_seconds"] = _epoch_seconds(rd, args.folds)
+            save()
+        print(name, results[name], flush=True)
+    if "serve" not in results:
+        one = out / "ens-distill-u-fold0"
+        if not (one / "ensemble.yaml").is_file():
+            run([*CARCLF, "ensemble", f"{runs / 'distill-u'}:0", "-o", one, "--overwrite"])
+        exp = out / "exp-distill-u-fold0"
+        if not (exp / "export.yaml").is_file():
+            run([*CARCLF, "export", one, "-o", exp, "--overwrite"])
+        load = out / "serve.json"
+        run([sys.executable, ROOT / "benchmarks" / "serve_load.py", exp, "--photos-from", runs / "distill-u",
+             "--requests", str(args.requests), "--concurrency", "16", "--out", load])
+        results["serve"] = json.loads(load.read_text())
+        save()
+    print(json.dumps(results, indent=1))
+
+
+def _epoch_seconds(rd: Path, folds: int) -> float:
+    """Mean seconds per training epoch over the folds (metrics.csv)."""
+    secs = []
+    for k in range(folds):
+        with open(rd / f"fold{k}" / "metrics.csv", encoding="utf-8") as fh:
+            secs += [float(r["seconds"]) for r in csv.DictReader(fh) if r.get("seconds")]
+    return round(float(np.mean(secs)), 1)
+
+
+def _cpu() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    main()
