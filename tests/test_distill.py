@@ -252,6 +252,7 @@ def test_bad_teachers_are_refused_in_one_line_naming_the_problem(synth_data, tea
     (renamed / "run.json").write_text(json.dumps(meta, ensure_ascii=False))
     with pytest.raises(CarclfError, match="missing from the teacher: '.*'; not in the student's data: '아반떼_CN7"):
         _train(synth_data, tmp_path / "a", **{"distill.teacher": renamed})
+    assert not (tmp_path / "a" / "t").exists()  # refused before the run directory is made: a retry needs no flag
 
     partial = _copy_run(teacher, tmp_path / "partial")
     (partial / "fold1" / "oof.npz").unlink()
@@ -286,6 +287,23 @@ def test_a_teacher_changed_after_distillation_stops_the_resume(synth_data, teach
         train(more, resume=True, log=_quiet)
     assert sorted(p.name for p in (run / "fold0").iterdir()) == before  # nothing lost
     assert not (run / "fold1").exists()
+    # --overwrite starts afresh: the new teacher's targets, not the old run's
+    again = train(load_config(None, tiny_overrides(synth_data, tmp_path, **{"distill.teacher": mine})), overwrite=True,
+                  log=_quiet)
+    z = np.load(again / "teacher" / "targets.npz")
+    assert str(z["checksum"]) == RunDir(again).read_meta()["distill"]["checksum"]
+
+
+@pytest.mark.slow
+def test_the_full_data_fit_learns_unlabeled_photos_from_every_teacher_fold(synth_data, teacher, tmp_path):
+    from carclf.infer.predictor import Predictor
+
+    run = _train(synth_data, tmp_path, **{"train.folds": "0,full", "distill.teacher": teacher,
+                                          "distill.unlabeled": "test"})
+    assert (run / "full" / "best.pt").is_file()
+    z = np.load(run / "teacher" / "unlabeled-full.npz")
+    want = Predictor.from_run(teacher, device="cpu").predict([str(p) for p in z["paths"]])[0]
+    assert np.allclose(z["probs"], want, atol=1e-5)
 
 
 @pytest.mark.slow

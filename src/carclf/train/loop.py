@@ -53,7 +53,7 @@ from carclf.train.averaging import choose_eval_size, final_candidates, update_em
 from carclf.train.distill import DistillLoss, DistillTargets, batch_targets
 from carclf.train.full import finish_full, full_fit_plan
 from carclf.train.state import Fold, FoldParts, Progress, build_fold
-from carclf.train.teacher import Teacher, fold_distill_targets, load_teacher
+from carclf.train.teacher import Teacher, fold_distill_targets, load_teacher, record_teacher
 from carclf.tta import parse_policy, policy_views
 
 __all__ = ["build_fold", "check_startable", "set_epoch_switches", "train", "train_fold", "train_one_epoch"]
@@ -158,6 +158,7 @@ def train(
     def start() -> tuple[RunData, Teacher | None]:
         check_startable(rd, cfg, resume, overwrite)  # before the slow data checks
         data = load_run_data(cfg, log)  # bad data fails here, before the run directory is created or emptied
+        teacher = load_teacher(cfg, data, rd, log, resume)  # a bad teacher too; its targets are fixed before epoch 1
         with rd.run_lock():
             check_startable(rd, cfg, resume, overwrite)  # again: another process may have created it meanwhile
             if overwrite and rd.exists_nonempty():
@@ -165,8 +166,8 @@ def train(
                 log(f"--overwrite: deleted the earlier run in '{rd.path}'")
             _log_removed(rd.remove_stale_temps(), log)  # the run lock is held: no live writer of those files
             rd.create(cfg)
-            teacher = load_teacher(cfg, data, rd, log)  # checked before the first epoch; its targets fixed
             record_run_data(rd, cfg, data, resume, teacher)
+            record_teacher(teacher, rd, data.classes)
         return data, teacher
 
     data, teacher = on_main(start)

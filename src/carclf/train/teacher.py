@@ -39,7 +39,8 @@ from carclf.data.scan import IMAGE_EXTS, os_leftover, scan_test
 from carclf.errors import CarclfError
 from carclf.train.distill import DistillTargets
 
-__all__ = ["Teacher", "fold_distill_targets", "load_teacher", "to_student_classes", "unlabeled_photos"]
+__all__ = ["Teacher", "fold_distill_targets", "load_teacher", "record_teacher", "to_student_classes",
+           "unlabeled_photos"]
 
 
 def _listed(names: list[str], n: int = 5) -> str:
@@ -145,9 +146,11 @@ def _fresh_targets(cfg: Config, data: RunData, path: Path, kind: str) -> tuple[n
     return oof.paths.astype(str), oof.folds.astype(np.int64), probs
 
 
-def load_teacher(cfg: Config, data: RunData, rd: RunDir, log: Callable[[str], None] = print) -> Teacher | None:
-    """The run's teacher (None without ``distill.teacher``). The first start checks it and fixes its targets in
-    ``teacher/targets.npz``; a resume checks that the teacher is unchanged (its checksum) and reads them back, so the
+def load_teacher(cfg: Config, data: RunData, rd: RunDir, log: Callable[[str], None] = print,
+                 resume: bool = False) -> Teacher | None:
+    """The run's teacher (None without ``distill.teacher``), checked before the run directory is made or touched
+    (bad input leaves nothing behind). The first start computes its targets (:func:`record_teacher` fixes them in
+    ``teacher/targets.npz``); a resume checks that the teacher is unchanged (its checksum) and reads them back, so the
     resumed run trains on exactly the same targets."""
     d = cfg.distill
     if not d.teacher:
@@ -158,7 +161,7 @@ def load_teacher(cfg: Config, data: RunData, rd: RunDir, log: Callable[[str], No
         raise CarclfError(f"distill.teacher '{path}' is this run itself: name another run or an ensemble")
     checksum = teacher_checksum(path)
     td = TeacherDir(rd.path)
-    if td.targets.is_file():
+    if resume and td.targets.is_file():  # (--overwrite: the old run's targets are about to go)
         saved = td.read_targets()
         if saved["checksum"] != checksum:
             raise CarclfError(
@@ -185,15 +188,23 @@ def load_teacher(cfg: Config, data: RunData, rd: RunDir, log: Callable[[str], No
         "photos_with_target": with_row, "photos_hard_only": int(len(usable) - with_row),
         "unlabeled_photos": len(teacher.unlabeled), "unlabeled_skipped": len(teacher.skipped),
     }
-    if not td.targets.is_file():
-        td.write_targets(checksum, list(data.classes), paths, folds, probs)
-    if teacher.skipped:
-        td.write_skipped(teacher.skipped)
     log(f"distill: teacher {kind} '{path}' (alpha {d.alpha:g}, T {d.temperature:g}): {with_row} of {len(usable)} "
         f"training photos have an out-of-fold target" + (f", {len(usable) - with_row} train on the hard label alone"
                                                           if with_row < len(usable) else "")
         + (f"; {len(teacher.unlabeled)} unlabeled photos ({d.unlabeled})" if d.unlabeled else ""))
     return teacher
+
+
+def record_teacher(teacher: Teacher | None, rd: RunDir, classes: list[str]) -> None:
+    """Write ``teacher/targets.npz`` on the first start (with the run lock held; a resume keeps the file it read)
+    and the list of unlabeled photos left out."""
+    if teacher is None:
+        return
+    td = TeacherDir(rd.path)
+    if not td.targets.is_file():
+        td.write_targets(teacher.checksum, classes, teacher.paths, teacher.folds, teacher.probs)
+    if teacher.skipped:
+        td.write_skipped(teacher.skipped)
 
 
 def _folder_photos(folder: Path) -> list[Path]:
