@@ -172,6 +172,12 @@ def test_no_student_fold_gets_a_target_from_a_model_that_trained_on_its_validati
         got = targets.soft[len(tr_idx):].numpy()
         assert np.allclose(got, own, atol=1e-5)
         assert not np.allclose(got, other, atol=1e-3)
+    # distill.min_confidence leaves the uncertain unlabeled photos out (from the cache: nothing predicted again)
+    cut = float(np.median(own.max(axis=1)))
+    cfg.distill.min_confidence = cut
+    _, kept = fold_distill_targets(t, cfg, rd, 1, data, data.split(1)[0], _quiet)
+    assert 0 < len(kept) < len(unlabeled)
+    assert {str(p) for p in kept} == {str(p) for p, q in zip(unlabeled, own, strict=True) if q.max() >= cut}
 
 
 @pytest.mark.slow
@@ -200,7 +206,12 @@ def test_unlabeled_photos_never_reach_validation_or_the_oof_rows(synth_data, tea
 def test_resume_of_a_distilled_run_is_bit_exact(synth_data, teacher, tmp_path):
     from carclf.train.loop import train
 
-    over = {"train.epochs": 2, "aug.cutmix": 1.0, "distill.teacher": teacher, "distill.unlabeled": "test",
+    folder = tmp_path / "unlabeled photos"
+    folder.mkdir()
+    tests = sorted((synth_data / "test").glob("*.jpg"))
+    for p in tests[:12]:
+        shutil.copy(p, folder / p.name)
+    over = {"train.epochs": 2, "aug.cutmix": 1.0, "distill.teacher": teacher, "distill.unlabeled": folder,
             "distill.unlabeled_weight": "confidence"}
     full = _train(synth_data, tmp_path / "a", **over)
 
@@ -214,12 +225,19 @@ def test_resume_of_a_distilled_run_is_bit_exact(synth_data, teacher, tmp_path):
     cfg = load_config(None, tiny_overrides(synth_data, tmp_path / "b", **over))
     with pytest.raises(Stop):
         train(cfg, on_epoch_end=stop, log=_quiet)
+    shutil.copy(tests[12], folder / "added later.jpg")  # not used by the resumed run: it trains on its start's photos
     resumed = train(cfg, resume=True, log=_quiet)
     a, b = _weights(full), _weights(resumed)
     for key in ("model", "ema"):
         for name, tensor in a[key].items():
             assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after resume"
     assert _losses(full) == _losses(resumed)
+    # a photo the run started with, changed: the next fold refuses it instead of training on other data
+    with (folder / tests[0].name).open("ab") as fh:
+        fh.write(b"changed")
+    more = load_config(None, tiny_overrides(synth_data, tmp_path / "b", **{**over, "train.folds": "all"}))
+    with pytest.raises(CarclfError, match=f"unlabeled photo '.*{tests[0].name}' changed since the run started"):
+        train(more, resume=True, log=_quiet)
 
 
 @pytest.mark.slow
@@ -235,6 +253,21 @@ def test_an_ensemble_teacher_predicts_unlabeled_photos_with_its_fold_models_only
     z = np.load(student / "teacher" / "unlabeled-fold0.npz")
     assert z["probs"].shape == (18, K)
     assert z["ok"].all()
+    # an ensemble holding the student's own run, or a member split otherwise, is refused before anything is touched
+    other = _train(synth_data, tmp_path / "o", **{"train.folds": "all", "data.fold_seed": 7})
+    both = tmp_path / "both"
+    build_ensemble([str(teacher), str(other)], both, cv_folds=2, calibrations=("none",), log=_quiet)
+    with pytest.raises(CarclfError, match=r"\(member .*\): the student's folds differ from the teacher's"):
+        _train(synth_data, tmp_path / "x", **{"distill.teacher": both})
+    mine = tmp_path / "mine"
+    build_ensemble([str(teacher), str(student)], mine, cv_folds=2, calibrations=("none",), log=_quiet)
+    from carclf.train.loop import train
+
+    before = sorted(p.name for p in (student / "fold0").iterdir())
+    with pytest.raises(CarclfError, match=r"\(member .*\) is this run itself"):
+        train(load_config(None, tiny_overrides(synth_data, tmp_path / "s", **{"distill.teacher": mine})),
+              overwrite=True, log=_quiet)
+    assert sorted(p.name for p in (student / "fold0").iterdir()) == before
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -261,7 +294,9 @@ def test_bad_teachers_are_refused_in_one_line_naming_the_problem(synth_data, tea
         _train(synth_data, tmp_path / "b", **{"distill.teacher": partial})
     logs = []
     run = _train(synth_data, tmp_path / "c", log=logs.append, **{"distill.teacher": partial,
-                                                                 "distill.allow_partial": True})
+                                                                 "distill.allow_partial": True,
+                                                                 "distill.unlabeled": "test", "train.folds": "all"})
+    assert any("the teacher has no fold 1 model (distill.allow_partial): no unlabeled photos" in line for line in logs)
     hard_only = RunDir(run).read_meta()["distill"]["photos_hard_only"]
     assert hard_only > 0
     assert any(f"{hard_only} train on the hard label alone" in line for line in logs)
@@ -314,6 +349,7 @@ def test_unreadable_unlabeled_photos_are_skipped_and_listed_and_an_empty_folder_
     for i, p in enumerate(sorted((synth_data / "test").glob("*.jpg"))[:4]):
         shutil.copy(p, folder / f"u{i}.jpg")
     (folder / "broken.jpg").write_text("not a photo")
+    shutil.copy(sorted((synth_data / "train").rglob("*.jpg"))[0], folder / "labeled copy.jpg")
     (folder / "empty.jpg").write_bytes(b"")
     (folder / "__MACOSX" / "._u0.jpg").write_bytes(b"\x00\x05\x16\x07")
     (folder / "._u1.jpg").write_bytes(b"\x00\x05\x16\x07")
@@ -322,8 +358,10 @@ def test_unreadable_unlabeled_photos_are_skipped_and_listed_and_an_empty_folder_
                                                                   "distill.unlabeled": folder})
     with (run / "teacher" / "unlabeled-skipped.csv").open() as fh:
         skipped = {r["path"].rsplit("/", 1)[-1]: r["reason"] for r in csv.DictReader(fh)}
-    assert set(skipped) == {"broken.jpg", "empty.jpg"}
-    assert any("leaving 2 unlabeled photo(s) out" in line for line in logs)
+    assert skipped == {"broken.jpg": "failed to decode", "empty.jpg": "failed to decode",
+                       "labeled copy.jpg": "a copy of a labeled training photo"}
+    assert any("leaving 1 unlabeled photo(s) out" in line for line in logs)  # the copy, at the start
+    assert any("leaving 2 unlabeled photo(s) out" in line for line in logs)  # the two, when the teacher decoded them
     z = np.load(run / "teacher" / "unlabeled-fold0.npz")
     assert int(z["ok"].sum()) == 4
     empty = tmp_path / "empty folder"

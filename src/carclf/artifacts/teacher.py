@@ -4,7 +4,8 @@
 
     RUN_DIR/teacher/
       targets.npz            the teacher's calibrated out-of-fold probabilities over the student's classes, one row
-                             per training photo that has one (``paths``, ``folds``, ``probs``), fixed at the start
+                             per training photo that has one (``paths``, ``folds``, ``probs``), and the unlabeled
+                             photos with their SHA-1 (``unlabeled_paths``, ``unlabeled_sha1``): fixed at the start
       unlabeled-fold<k>.npz  the unlabeled photos' teacher probabilities for student fold k, predicted by the
                              teacher's fold-k models alone (``paths``, ``sha1``, ``probs``, ``ok``); -full for the
                              full-data fit (every teacher fold). A cache: keyed by the teacher's checksum and each
@@ -33,7 +34,7 @@ from carclf.io import atomic_savez, atomic_write_text, file_sha256, read_npz
 TARGETS_FILE = "targets.npz"
 UNLABELED_SKIPPED = "unlabeled-skipped.csv"
 TARGETS_FORMAT = 1
-TARGET_KEYS = ("format", "checksum", "classes", "paths", "folds", "probs")
+TARGET_KEYS = ("format", "checksum", "classes", "paths", "folds", "probs", "unlabeled_paths", "unlabeled_sha1")
 UNLABELED_KEYS = ("checksum", "paths", "sha1", "probs", "ok")
 
 
@@ -88,11 +89,13 @@ class TeacherDir:
         return self.path / unlabeled_file(k)
 
     def write_targets(self, checksum: str, classes: list[str], paths: np.ndarray, folds: np.ndarray,
-                      probs: np.ndarray) -> None:
+                      probs: np.ndarray, unlabeled: list[str], unlabeled_sha1: list[str]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_savez(self.targets, format=np.array(TARGETS_FORMAT), checksum=np.array(checksum),
                      classes=np.array(classes, dtype=str), paths=np.asarray(paths, dtype=str),
-                     folds=np.asarray(folds, dtype=np.int64), probs=np.asarray(probs, dtype=np.float32))
+                     folds=np.asarray(folds, dtype=np.int64), probs=np.asarray(probs, dtype=np.float32),
+                     unlabeled_paths=np.array(unlabeled, dtype=str),
+                     unlabeled_sha1=np.array(unlabeled_sha1, dtype=str))
 
     def read_targets(self) -> dict[str, Any]:
         z = read_npz(self.targets, TARGET_KEYS, "start the distilled run again under a new name")
@@ -100,7 +103,9 @@ class TeacherDir:
             raise CarclfError(f"'{self.targets}' has format {int(z['format'])}, newer than this carclf reads "
                               f"({TARGETS_FORMAT}): upgrade carclf")
         return {"checksum": str(z["checksum"]), "classes": [str(c) for c in z["classes"]],
-                "paths": z["paths"].astype(str), "folds": z["folds"], "probs": z["probs"]}
+                "paths": z["paths"].astype(str), "folds": z["folds"], "probs": z["probs"],
+                "unlabeled": [str(p) for p in z["unlabeled_paths"]],
+                "unlabeled_sha1": [str(h) for h in z["unlabeled_sha1"]]}
 
     def read_unlabeled(self, k: int, checksum: str) -> dict[str, np.ndarray] | None:
         """Fold k's cached unlabeled predictions, or None when there are none for this teacher."""
@@ -119,6 +124,12 @@ class TeacherDir:
         atomic_savez(self.unlabeled(k), checksum=np.array(checksum), paths=np.array(paths, dtype=str),
                      sha1=np.array(sha1, dtype=str), probs=np.asarray(probs, dtype=np.float32),
                      ok=np.asarray(ok, dtype=bool))
+
+    def read_skipped(self) -> dict[str, str]:
+        if not self.skipped_csv.is_file():
+            return {}
+        with self.skipped_csv.open(encoding="utf-8", newline="") as fh:
+            return {r["path"]: r["reason"] for r in csv.DictReader(fh)}
 
     def write_skipped(self, skipped: dict[str, str]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)

@@ -226,6 +226,7 @@ def _prepare_batch(parts: FoldParts, cfg: Config, x: torch.Tensor, y: torch.Tens
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """A training batch on ``device``: normalised, randomly erased, in the run's memory format, mixed. Distilling,
     ``y`` holds row numbers and the batch's targets come back as train/distill.py's DistillBatch."""
+    rows = y  # distilling: the batch's rows of the target table, indexed on the CPU (no device sync per step)
     x, y = parts.normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
     if parts.erasing is not None:
         x = parts.erasing(x)
@@ -234,9 +235,9 @@ def _prepare_batch(parts: FoldParts, cfg: Config, x: torch.Tensor, y: torch.Tens
     if parts.distill is not None:
         if parts.mixup is not None:
             if len(x) % 2:
-                x, y = x[:-1], y[:-1]
-            x, _ = parts.mixup(x, parts.distill.hard[y.long().cpu()].to(device))  # mixes x, records lam
-        return x, batch_targets(parts.distill, y, parts.criterion.base, parts.mixup, device)
+                x, rows = x[:-1], rows[:-1]
+            x, _ = parts.mixup(x, parts.distill.hard[rows].to(device, non_blocking=True))  # mixes x, records lam
+        return x, batch_targets(parts.distill, rows, parts.criterion.base, parts.mixup, device)
     if parts.mixup is not None:
         if len(x) % 2:  # timm's Mixup pairs samples and needs an even batch
             x, y = x[:-1], y[:-1]

@@ -57,7 +57,9 @@ def to_student_classes(probs: np.ndarray, columns: list[str], merge: MergeMap, s
         out = np.zeros((len(probs), len(merge.classes)))
         keep = np.asarray(merge.label_map) >= 0
         np.add.at(out.T, np.asarray(merge.label_map)[keep], np.asarray(probs, dtype=np.float64).T[keep])
-        return out / np.maximum(out.sum(axis=1, keepdims=True), 1e-300)
+        total = out.sum(axis=1, keepdims=True)
+        out[total[:, 0] <= 0] = 1.0  # all of a row's mass on dropped classes: the teacher says nothing (uniform)
+        return out / np.where(total > 0, total, len(merge.classes))
     missing = [c for c in merge.classes if c not in columns]
     extra = [c for c in columns if c not in merge.classes and c not in merge.original]
     raise CarclfError(
@@ -69,19 +71,32 @@ def to_student_classes(probs: np.ndarray, columns: list[str], merge: MergeMap, s
     )
 
 
-def _split_settings(path: Path, kind: str) -> tuple[RunDir, Config]:
-    """The run whose folds the teacher's rows follow (an ensemble: its first member's) and its config."""
+def _teacher_runs(path: Path, kind: str) -> list[tuple[str, RunDir]]:
+    """The runs behind the teacher: the run itself, or every member of the ensemble (name, run)."""
     if kind == RUN:
-        rd = RunDir.open(path)
-    else:
-        doc = read_ensemble(path)
-        rd = RunDir.open(member_run(path, doc["members"][0]))
-    return rd, rd.read_config()
+        return [(str(path), RunDir.open(path))]
+    return [(f"member {m['name']}", RunDir.open(member_run(path, m))) for m in read_ensemble(path)["members"]]
 
 
 def _fold_hint(cfg: Config) -> str:
     d = cfg.data
     return f"data.n_folds={d.n_folds} data.fold_seed={d.fold_seed} data.fold_policy={d.fold_policy}"
+
+
+def _check_merges(teacher: MergeMap, student: MergeMap, source: str) -> None:
+    """A teacher that merged two classes the student keeps apart has no knowledge of how to tell them apart (its
+    probability for them is a fixed share): refused, naming the pair."""
+    if list(teacher.original) != list(student.original):
+        return  # to_student_classes names the differing classes
+    t_lab, s_lab = np.asarray(teacher.label_map), np.asarray(student.label_map)
+    for m in np.unique(t_lab[t_lab >= 0]):
+        members = np.where(t_lab == m)[0]
+        if len(set(s_lab[members].tolist())) > 1:
+            a, b = (student.original[i] for i in members[:2])
+            raise CarclfError(
+                f"{source} merges '{a}' and '{b}' (data.merges), which the student keeps apart: its "
+                "probability for them is a fixed share, not knowledge. Train the student with the same data.merges, "
+                "or leave that teacher out")
 
 
 @dataclass
@@ -95,6 +110,7 @@ class Teacher:
     folds: np.ndarray  # the fold each row was held out in
     probs: np.ndarray  # (n, classes) calibrated teacher probabilities
     unlabeled: list[Path] = field(default_factory=list)
+    unlabeled_sha1: list[str] = field(default_factory=list)  # as at the start: a resume trains on these photos
     skipped: dict[str, str] = field(default_factory=dict)  # unlabeled photos left out, with the reason
     info: dict = field(default_factory=dict)  # run.json's ``distill`` entry
 
@@ -102,15 +118,15 @@ class Teacher:
         return {p: i for i, p in enumerate(self.paths)}
 
 
-def _check_folds(oof_paths: np.ndarray, oof_folds: np.ndarray, data: RunData, source: str, hint: str) -> None:
-    """Every teacher row's fold is the student's fold of that photo."""
+def _check_folds(oof_paths: np.ndarray, oof_folds: np.ndarray, data: RunData, who: str, hint: str) -> None:
+    """Every teacher row's fold is the student's fold of that photo (``who``: the teacher, or its member)."""
     student = dict(zip(data.trainset.relpaths(), data.folds.tolist(), strict=True))
     wrong = [(p, int(f), student[p]) for p, f in zip(oof_paths, oof_folds, strict=True)
              if p in student and student[p] != int(f)]
     if wrong:
         p, tf, sf = wrong[0]
         raise CarclfError(
-            f"distill.teacher '{source}': the student's folds differ from the teacher's ({len(wrong)} photos are in "
+            f"{who}: the student's folds differ from the teacher's ({len(wrong)} photos are in "
             f"another fold, e.g. '{p}': teacher fold {tf}, student fold {sf}). A student fold must validate on the "
             f"photos the teacher held out: train on the teacher's data with {hint}"
         )
@@ -131,62 +147,79 @@ def _incomplete(oof_folds: np.ndarray, data: RunData, cfg: Config, source: str) 
     return missing
 
 
-def _fresh_targets(cfg: Config, data: RunData, path: Path, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The teacher's OOF rows for the student's photos, checked: classes, folds, completeness."""
-    oof = load_oof(path)
+def _fresh_targets(cfg: Config, data: RunData, path: Path, kind: str,
+                   rd: RunDir) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The teacher's OOF rows for the student's photos, checked: every run behind it (an ensemble's every member)
+    split as the student is and merges no class the student keeps apart, is not the student itself, and the teacher
+    has rows for every fold (or ``distill.allow_partial``)."""
+    from carclf.artifacts.oof import load_run_oof
+
     source = str(path)
-    t_rd, t_cfg = _split_settings(path, kind)
-    if t_cfg.data.n_folds != cfg.data.n_folds:
-        raise CarclfError(
-            f"distill.teacher '{source}' was cross-validated in {t_cfg.data.n_folds} folds, the student in "
-            f"{cfg.data.n_folds}: train the student with {_fold_hint(t_cfg)}")
+    oof = load_oof(path)
+    for name, t_rd in _teacher_runs(path, kind):
+        who = f"distill.teacher '{source}'" + (f" ({name})" if kind != RUN else "")
+        if t_rd.path.resolve() == rd.path.resolve():
+            raise CarclfError(f"{who} is this run itself ('{rd.path}'), which training would replace: name another "
+                              "run, or an ensemble without it")
+        t_cfg = t_rd.read_config()
+        if t_cfg.data.n_folds != cfg.data.n_folds:
+            raise CarclfError(f"{who} was cross-validated in {t_cfg.data.n_folds} folds, the student in "
+                              f"{cfg.data.n_folds}: train the student with {_fold_hint(t_cfg)}")
+        _check_merges(t_rd.merge_map(), data.merge, who)
+        rows = oof if kind == RUN else load_run_oof(t_rd.path)
+        _check_folds(rows.paths, rows.folds, data, who, _fold_hint(t_cfg))
     probs = to_student_classes(oof.probs, oof.classes, data.merge, source)
-    _check_folds(oof.paths, oof.folds, data, source, _fold_hint(t_cfg))
     _incomplete(oof.folds, data, cfg, source)
     return oof.paths.astype(str), oof.folds.astype(np.int64), probs
+
+
+def _resumed_targets(td: TeacherDir, checksum: str, path: Path, rd: RunDir, classes: list[str]) -> dict:
+    """The targets a run started with, refused when the teacher changed since (its checksum)."""
+    saved = td.read_targets()
+    if saved["checksum"] != checksum:
+        raise CarclfError(
+            f"distill.teacher '{path}' changed since '{rd.path}' started (its checksum was {saved['checksum'][:12]}, "
+            f"now {checksum[:12]}: retrained, recalibrated or rebuilt): resume needs the teacher the run started "
+            "with; put it back, or start a new run name")
+    if saved["classes"] != list(classes):
+        raise CarclfError(f"'{td.targets}' holds other classes than the run: start a new run name")
+    return saved
 
 
 def load_teacher(cfg: Config, data: RunData, rd: RunDir, log: Callable[[str], None] = print,
                  resume: bool = False) -> Teacher | None:
     """The run's teacher (None without ``distill.teacher``), checked before the run directory is made or touched
-    (bad input leaves nothing behind). The first start computes its targets (:func:`record_teacher` fixes them in
-    ``teacher/targets.npz``); a resume checks that the teacher is unchanged (its checksum) and reads them back, so the
-    resumed run trains on exactly the same targets."""
+    (bad input leaves nothing behind). The first start computes its targets and lists the unlabeled photos
+    (:func:`record_teacher` fixes both in ``teacher/targets.npz``); a resume checks that the teacher is unchanged
+    (its checksum) and reads them back, so the resumed run trains on exactly the same targets and photos (photos
+    added to the unlabeled folder since are not used)."""
     d = cfg.distill
     if not d.teacher:
         return None
     path = Path(d.teacher)
     kind = require(path, (RUN, ENSEMBLE), doing="train distill.teacher=")
-    if path.resolve() == rd.path.resolve():
-        raise CarclfError(f"distill.teacher '{path}' is this run itself: name another run or an ensemble")
     checksum = teacher_checksum(path)
     td = TeacherDir(rd.path)
     if resume and td.targets.is_file():  # (--overwrite: the old run's targets are about to go)
-        saved = td.read_targets()
-        if saved["checksum"] != checksum:
-            raise CarclfError(
-                f"distill.teacher '{path}' changed since '{rd.path}' started (its checksum was "
-                f"{saved['checksum'][:12]}, now {checksum[:12]}: retrained, recalibrated or rebuilt): resume needs "
-                "the teacher the run started with; put it back, or start a new run name")
-        if saved["classes"] != list(data.classes):
-            raise CarclfError(f"'{td.targets}' holds other classes than the run: start a new run name")
-        paths, folds, probs = saved["paths"], saved["folds"], saved["probs"]
+        saved = _resumed_targets(td, checksum, path, rd, data.classes)
+        teacher = Teacher(path, kind, checksum, saved["paths"], saved["folds"], saved["probs"],
+                          [Path(p) for p in saved["unlabeled"]], saved["unlabeled_sha1"], td.read_skipped())
     else:
-        paths, folds, probs = _fresh_targets(cfg, data, path, kind)
+        paths, folds, probs = _fresh_targets(cfg, data, path, kind, rd)
         if kind == RUN and not any(RunDir(path).fold(k).calibration.is_file() for k in RunDir(path).completed_folds()):
             log(f"warning: distill.teacher '{path}' is not calibrated (temperature 1): its targets are as over- or "
                 f"under-confident as its raw softmax; run carclf calibrate {path} first, or distil from an ensemble")
-    teacher = Teacher(path, kind, checksum, paths, folds, np.asarray(probs, dtype=np.float32))
-    if d.unlabeled:
-        teacher.unlabeled, teacher.skipped = unlabeled_photos(cfg, data, log)
+        teacher = Teacher(path, kind, checksum, paths, folds, np.asarray(probs, dtype=np.float32))
+        if d.unlabeled:
+            teacher.unlabeled, teacher.unlabeled_sha1, teacher.skipped = unlabeled_photos(cfg, data, log)
     usable = np.array(data.trainset.relpaths(), dtype=object)[data.usable()]
-    with_row = int(np.isin(usable, paths).sum())
+    with_row = int(np.isin(usable, teacher.paths).sum())
     teacher.info = {
         "teacher": str(path), "teacher_abs": str(path.resolve()), "kind": kind, "checksum": checksum,
         "alpha": d.alpha, "temperature": d.temperature, "unlabeled": d.unlabeled,
         "unlabeled_weight": d.unlabeled_weight, "min_confidence": d.min_confidence,
         "photos_with_target": with_row, "photos_hard_only": int(len(usable) - with_row),
-        "unlabeled_photos": len(teacher.unlabeled), "unlabeled_skipped": len(teacher.skipped),
+        "unlabeled_photos": len(teacher.unlabeled), "unlabeled_left_out_at_start": len(teacher.skipped),
     }
     log(f"distill: teacher {kind} '{path}' (alpha {d.alpha:g}, T {d.temperature:g}): {with_row} of {len(usable)} "
         f"training photos have an out-of-fold target" + (f", {len(usable) - with_row} train on the hard label alone"
@@ -196,13 +229,17 @@ def load_teacher(cfg: Config, data: RunData, rd: RunDir, log: Callable[[str], No
 
 
 def record_teacher(teacher: Teacher | None, rd: RunDir, classes: list[str]) -> None:
-    """Write ``teacher/targets.npz`` on the first start (with the run lock held; a resume keeps the file it read)
-    and the list of unlabeled photos left out."""
+    """With the run lock held: write ``teacher/targets.npz`` on the first start, or check that the one there (a
+    process that started the run at the same time) comes from the same teacher; and list the unlabeled photos left
+    out."""
     if teacher is None:
         return
     td = TeacherDir(rd.path)
-    if not td.targets.is_file():
-        td.write_targets(teacher.checksum, classes, teacher.paths, teacher.folds, teacher.probs)
+    if td.targets.is_file():
+        _resumed_targets(td, teacher.checksum, teacher.path, rd, classes)
+    else:
+        td.write_targets(teacher.checksum, classes, teacher.paths, teacher.folds, teacher.probs,
+                         [str(p) for p in teacher.unlabeled], teacher.unlabeled_sha1)
     if teacher.skipped:
         td.write_skipped(teacher.skipped)
 
@@ -217,10 +254,7 @@ def _folder_photos(folder: Path) -> list[Path]:
     return out
 
 
-def unlabeled_photos(cfg: Config, data: RunData, log: Callable[[str], None] = print
-                     ) -> tuple[list[Path], dict[str, str]]:
-    """``distill.unlabeled``: the data's test photos (``test``) or a folder's; byte copies of a labeled photo are
-    left out (they would carry a validation photo into training), listed with the reason."""
+def _listed_photos(cfg: Config) -> list[Path]:
     spec = cfg.distill.unlabeled
     if spec == "test":
         try:
@@ -234,11 +268,19 @@ def unlabeled_photos(cfg: Config, data: RunData, log: Callable[[str], None] = pr
         photos = _folder_photos(folder)
     if not photos:
         raise CarclfError(f"distill.unlabeled='{spec}' holds no photos ({', '.join(sorted(IMAGE_EXTS))})")
+    return photos
+
+
+def unlabeled_photos(cfg: Config, data: RunData, log: Callable[[str], None] = print
+                     ) -> tuple[list[Path], list[str], dict[str, str]]:
+    """``distill.unlabeled``: the data's test photos (``test``) or a folder's, with each one's SHA-1; byte copies
+    of a labeled photo are left out (they would carry a validation photo into training), listed with the reason."""
+    photos = _listed_photos(cfg)
     labeled = {r["sha1"] for r in read_manifest(PrepareDir(prepare_dir(cfg)).manifest)
                if r.get("sha1") and r.get("split") == "train"}
     if not labeled:  # no manifest of this version: hash the labeled photos here
         labeled = {photo_sha1(p) for p in data.trainset.paths}
-    keep, skipped = [], {}
+    keep, sha1, skipped = [], [], {}
     for p in photos:
         sha = photo_sha1(p)
         if not sha:
@@ -247,12 +289,14 @@ def unlabeled_photos(cfg: Config, data: RunData, log: Callable[[str], None] = pr
             skipped[str(p)] = "a copy of a labeled training photo"
         else:
             keep.append(p)
+            sha1.append(sha)
     if not keep:
-        raise CarclfError(f"distill.unlabeled='{spec}': none of its {len(photos)} photos is usable (unreadable or "
-                          f"copies of labeled photos; see {TeacherDir(cfg.run_dir).skipped_csv})")
+        copies = sum(why.startswith("a copy") for why in skipped.values())
+        raise CarclfError(f"distill.unlabeled='{cfg.distill.unlabeled}': none of its {len(photos)} photos is usable "
+                          f"({copies} are copies of labeled training photos, {len(photos) - copies} unreadable)")
     for line in _skipped_lines(skipped):
         log(line)
-    return keep, skipped
+    return keep, sha1, skipped
 
 
 def _skipped_lines(skipped: dict[str, str], limit: int = 5) -> list[str]:
@@ -265,6 +309,16 @@ def _skipped_lines(skipped: dict[str, str], limit: int = 5) -> list[str]:
     return lines
 
 
+def _check_unchanged(teacher: Teacher) -> list[str]:
+    """The unlabeled photos' SHA-1 now, refused when one changed or is gone since the run started."""
+    now = [photo_sha1(p) for p in teacher.unlabeled]
+    for p, was, sha in zip(teacher.unlabeled, teacher.unlabeled_sha1, now, strict=True):
+        if sha != was:
+            raise CarclfError(f"unlabeled photo '{p}' {'is gone' if not sha else 'changed'} since the run started: "
+                              "put it back, or start a new run name")
+    return now
+
+
 def unlabeled_targets(teacher: Teacher, cfg: Config, rd: RunDir, k: int, data: RunData,
                       log: Callable[[str], None] = print) -> tuple[list[Path], np.ndarray]:
     """Student fold k's unlabeled photos and their teacher probabilities (student classes), predicted by the
@@ -272,8 +326,7 @@ def unlabeled_targets(teacher: Teacher, cfg: Config, rd: RunDir, k: int, data: R
     teacher checksum and photo SHA-1: a resumed fold predicts nothing again. Photos that fail to decode are left
     out and listed; ``distill.min_confidence`` leaves out the uncertain ones."""
     td = TeacherDir(rd.path)
-    photos = teacher.unlabeled
-    sha = [photo_sha1(p) for p in photos]
+    photos, sha = teacher.unlabeled, _check_unchanged(teacher)
     cached = td.read_unlabeled(k, teacher.checksum)
     known = {} if cached is None else {s: i for i, s in enumerate(cached["sha1"])}
     todo = [i for i, s in enumerate(sha) if s not in known]
@@ -284,15 +337,12 @@ def unlabeled_targets(teacher: Teacher, cfg: Config, rd: RunDir, k: int, data: R
             probs[i], ok[i] = cached["probs"][known[s]], cached["ok"][known[s]]
     if todo:
         log(f"distill: the teacher's {fold_name(k)} models predict {len(todo)} unlabeled photos")
-        predictor = _fold_predictor(teacher, cfg, k)
-        p, bad = predictor.predict([photos[i] for i in todo], progress=True, fill_bad=False)
-        p = to_student_classes(np.nan_to_num(p, nan=1.0), predictor.output_classes, data.merge, str(teacher.path))
-        failed = set(bad)
-        for j, i in enumerate(todo):
-            probs[i], ok[i] = p[j], j not in failed
+        p, ok_todo, columns = _predict_unlabeled(teacher, cfg, k, [photos[i] for i in todo])
+        p = to_student_classes(np.nan_to_num(p, nan=1.0), columns, data.merge, str(teacher.path))
+        probs[todo], ok[todo] = p, ok_todo
         td.write_unlabeled(k, teacher.checksum, [str(x) for x in photos], sha, probs, ok)
-    if (~ok).any():
-        newly = {str(photos[i]): "failed to decode" for i in np.where(~ok)[0]}
+    newly = {str(photos[i]): "failed to decode" for i in np.where(~ok)[0] if str(photos[i]) not in teacher.skipped}
+    if newly:
         teacher.skipped.update(newly)
         td.write_skipped(teacher.skipped)
         for line in _skipped_lines(newly):
@@ -305,22 +355,36 @@ def unlabeled_targets(teacher: Teacher, cfg: Config, rd: RunDir, k: int, data: R
     return [photos[i] for i in np.where(keep)[0]], probs[keep]
 
 
-def _fold_predictor(teacher: Teacher, cfg: Config, k: int):
-    """The teacher's models that never saw student fold k's photos: its fold-k models (the full-data fit: all)."""
+def _predict_unlabeled(teacher: Teacher, cfg: Config, k: int, photos: list[Path]
+                       ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The teacher's models that never saw student fold k's photos (its fold-k models; the full-data fit: every
+    cross-validated fold, never the teacher's own full-data fit, which its checksum does not cover) predict
+    ``photos``: probabilities (NaN rows for photos that failed to decode), ok flags, columns. The models are freed
+    afterwards (on a GPU their memory goes back before the student's first epoch)."""
     from carclf.infer.predictor import Predictor
 
+    folds = {int(f) for f in np.unique(teacher.folds)} if k == FULL else {k}
     if teacher.kind == RUN:
-        folds = None if k == FULL else [k]
-        return Predictor.from_run(teacher.path, device=cfg.train.device, folds=folds)
-    predictor = Predictor.from_ensemble(teacher.path, device=cfg.train.device)
-    return predictor if k == FULL else predictor.only_folds({k})
+        predictor = Predictor.from_run(teacher.path, device=cfg.train.device, folds=sorted(folds))
+    else:
+        predictor = Predictor.from_ensemble(teacher.path, device=cfg.train.device).only_folds(folds)
+    probs, bad = predictor.predict(photos, progress=True, fill_bad=False)
+    ok = np.ones(len(photos), dtype=bool)
+    ok[bad] = False
+    columns, device = list(predictor.output_classes), predictor.device
+    del predictor
+    if device.type == "cuda":
+        import torch
 
+        torch.cuda.empty_cache()
+    return probs, ok, columns
 
 
 def fold_distill_targets(teacher: Teacher, cfg: Config, rd: RunDir, k: int, data: RunData, tr_idx: np.ndarray,
                          log: Callable[[str], None] = print) -> tuple[DistillTargets, list[Path]]:
     """Fold k's distillation targets: per training photo its teacher row (held out in another fold than k: the
-    honesty rule, checked again here), then the unlabeled photos (:func:`unlabeled_targets`)."""
+    honesty rule, checked again here), then the unlabeled photos (:func:`unlabeled_targets`); none for a fold the
+    teacher has no model of (``distill.allow_partial``)."""
     rel = np.array(data.trainset.relpaths(), dtype=object)[tr_idx]
     index = teacher.rows()
     at = np.array([index.get(p, -1) for p in rel], dtype=np.int64)
@@ -330,8 +394,12 @@ def fold_distill_targets(teacher: Teacher, cfg: Config, rd: RunDir, k: int, data
                           "the student's folds differ from the teacher's; start a new run name")
     probs = np.zeros((len(rel), teacher.probs.shape[1]), dtype=np.float64)
     probs[has] = teacher.probs[at[has]]
-    unlabeled, unl_probs = ([], np.zeros((0, probs.shape[1]))) if not teacher.unlabeled else unlabeled_targets(
-        teacher, cfg, rd, k, data, log)
+    unlabeled, unl_probs = [], np.zeros((0, probs.shape[1]))
+    if teacher.unlabeled and (k == FULL or k in set(teacher.folds.tolist())):
+        unlabeled, unl_probs = unlabeled_targets(teacher, cfg, rd, k, data, log)
+    elif teacher.unlabeled:
+        log(f"distill {fold_name(k)}: the teacher has no {fold_name(k)} model (distill.allow_partial): no unlabeled "
+            "photos in this fold")
     d = cfg.distill
     log(f"distill {fold_name(k)}: {int(has.sum())} photos learn from the teacher, {int((~has).sum())} from their "
         f"label alone, {len(unlabeled)} unlabeled photos from the teacher alone")
