@@ -28,7 +28,7 @@ import numpy as np
 from carclf.artifacts.ensemble import member_run, read_ensemble
 from carclf.artifacts.oof import load_oof
 from carclf.artifacts.prepare import PrepareDir
-from carclf.artifacts.resolve import ENSEMBLE, RUN, require
+from carclf.artifacts.resolve import ENSEMBLE, EXPORT, RUN, kind_of, require
 from carclf.artifacts.run import FULL, RunDir, fold_name
 from carclf.artifacts.teacher import TeacherDir, photo_sha1, teacher_checksum
 from carclf.config import Config
@@ -197,6 +197,9 @@ def load_teacher(cfg: Config, data: RunData, rd: RunDir, log: Callable[[str], No
     if not d.teacher:
         return None
     path = Path(d.teacher)
+    if kind_of(path) == EXPORT:
+        raise CarclfError(f"distill.teacher '{path}' is an export: it has no out-of-fold rows to learn from; give the "
+                          "run or the ensemble it was exported from")
     kind = require(path, (RUN, ENSEMBLE), doing="train distill.teacher=")
     checksum = teacher_checksum(path)
     td = TeacherDir(rd.path)
