@@ -15,8 +15,10 @@ Steps (each skipped when its output is complete, so a rerun continues where an i
   1. ``plain``     the student without a teacher: lite0 at S px (x 1.89 wide), no TTA, K folds x E epochs
   2. ``teacher``   lite0 at T px with hflip TTA, same folds and schedule; both calibrated
   3. ``ens``       ``carclf ensemble teacher plain``: the teacher ensemble
-  4. ``distill``   the student with ``distill.teacher=ens``
+  4. ``distill``   the student with ``distill.teacher=ens`` (``--student-folds``: fold 0 by default, to fit a session)
   5. ``distill-u`` the same plus ``distill.unlabeled=POOL``
+Every model is scored on the out-of-fold rows of fold 0 (the students' validation photos: like for like) and, where
+it has them, on all folds; and on the pool, a fold-0 student by its fold-0 model alone.
   6. a fold-0 one-model export of the distilled student, served under ``benchmarks/serve_load.py``
 Training commands run under ``/usr/bin/time`` (wall seconds, peak RSS of the largest process).
 """
@@ -80,32 +82,39 @@ def run(cmd: list[str], timing: Path | None = None) -> dict:
     return {"wall_s": float(wall), "peak_rss_mib": round(int(rss_kb) / 1024, 1)}
 
 
-def trained(run_dir: Path, folds: int) -> bool:
-    return all((run_dir / f"fold{k}" / "oof.npz").is_file() for k in range(folds))
+def trained(run_dir: Path, folds: list[int]) -> bool:
+    return all((run_dir / f"fold{k}" / "oof.npz").is_file() for k in folds)
 
 
 def score_oof(path: Path) -> dict:
+    """OOF log loss / accuracy (calibrated) over fold 0's rows, and over every fold's where all are there."""
     from carclf.artifacts.oof import load_oof
     from carclf.metrics import score
 
     oof = load_oof(path)
-    s = score(oof.probs, oof.labels)
-    return {"oof_log_loss": round(s["log_loss"], 4), "oof_accuracy": round(s["accuracy"], 4), "oof_rows": len(oof)}
+    out = {}
+    for name, mask in (("fold0", oof.folds == 0), ("all", np.ones(len(oof), bool))):
+        if name == "all" and len(np.unique(oof.folds)) < 2:
+            continue
+        s = score(oof.probs[mask], oof.labels[mask])
+        out.update({f"oof_{name}_log_loss": round(s["log_loss"], 4), f"oof_{name}_accuracy": round(s["accuracy"], 4),
+                    f"oof_{name}_rows": int(mask.sum())})
+    return out
 
 
-def score_pool(path: Path, pool: Path, labels_csv: Path) -> dict:
+def score_pool(path: Path, pool: Path, labels_csv: Path, folds: list[int] | None = None, tag: str = "pool") -> dict:
     from carclf.infer.predictor import Predictor
     from carclf.metrics import score
 
     with open(labels_csv, encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
-    predictor = Predictor.open(path, device="cpu")
+    predictor = Predictor.open(path, device="cpu", folds=folds)
     probs, bad = predictor.predict_paths([pool / r["file"] for r in rows])
     index = {c: i for i, c in enumerate(predictor.output_classes)}
     y = np.array([index[r["class"]] for r in rows])
     s = score(probs, y)
-    return {"pool_log_loss": round(s["log_loss"], 4), "pool_accuracy": round(s["accuracy"], 4), "pool_rows": len(y),
-            "pool_bad": len(bad)}
+    return {f"{tag}_log_loss": round(s["log_loss"], 4), f"{tag}_accuracy": round(s["accuracy"], 4),
+            f"{tag}_rows": len(y), f"{tag}_bad": len(bad)}
 
 
 def main() -> None:
@@ -119,6 +128,7 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--requests", type=int, default=600)
+    ap.add_argument("--student-folds", default="0", help="folds the distilled students train (0, or all)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -132,17 +142,20 @@ def main() -> None:
     def save() -> None:
         results_file.write_text(json.dumps(results, indent=1))
 
-    common = [f"data.root={data}", f"out_dir={runs}", f"data.n_folds={args.folds}", "train.folds=all",
+    common = [f"data.root={data}", f"out_dir={runs}", f"data.n_folds={args.folds}",
               f"train.epochs={args.epochs}", "train.swa_start_epoch=0", "train.warmup_epochs=0.3",
               "predict.oof_views=hflip", "predict.oof_features=false", "track.enabled=false"]
     student = [f"data.img_size={args.student_size}", "predict.tta=none"]
     distill = [f"distill.alpha={args.alpha}", f"distill.temperature={args.temperature}"]
+    sf = f"train.folds={args.student_folds}"
     steps = {
-        "plain": student,
-        "teacher": [f"data.img_size={args.teacher_size}", "predict.tta=hflip"],
-        "distill": [*student, f"distill.teacher={out / 'ens'}", *distill],
-        "distill-u": [*student, f"distill.teacher={out / 'ens'}", *distill, f"distill.unlabeled={pool}"],
+        "plain": [*student, "train.folds=all"],
+        "teacher": [f"data.img_size={args.teacher_size}", "predict.tta=hflip", "train.folds=all"],
+        "distill": [*student, sf, f"distill.teacher={out / 'ens'}", *distill],
+        "distill-u": [*student, sf, f"distill.teacher={out / 'ens'}", *distill, f"distill.unlabeled={pool}"],
     }
+    all_folds = list(range(args.folds))
+    student_folds = all_folds if args.student_folds == "all" else [int(k) for k in args.student_folds.split(",")]
     for name, extra in steps.items():
         if name.startswith("distill") and not (out / "ens" / "ensemble.yaml").is_file():
             for member in ("plain", "teacher"):
@@ -151,19 +164,22 @@ def main() -> None:
             results["ens"] = {**score_oof(out / "ens"), **score_pool(out / "ens", pool, out / "pool_labels.csv")}
             save()
         rd = runs / name
-        if not trained(rd, args.folds):
+        folds = student_folds if name.startswith("distill") else all_folds
+        if not trained(rd, folds):
             resume = ["--resume"] if rd.is_dir() else []
-            t = run([*CARCLF, "train", "-c", ROOT / "configs" / "cpu-lite0.yaml", f"name={name}", *common, *extra, *resume],
-                    out / f"{name}.time")
-            if not resume:  # a resumed run's time is not the run's time
-                results.setdefault(name, {}).update(t)
+            recipe = ROOT / "configs" / "cpu-lite0.yaml"
+            t = run([*CARCLF, "train", "-c", recipe, f"name={name}", *common, *extra, *resume], out / f"{name}.time")
+            # a resumed run's wall time is not the run's; its peak memory still is a fold's
+            results.setdefault(name, {}).update(t if not resume else {f"resumed_{k}": v for k, v in t.items()})
             run([*CARCLF, "calibrate", rd])
         if "oof_log_loss" not in results.get(name, {}):
             if not (rd / "fold0" / "calibration.json").is_file():
                 run([*CARCLF, "calibrate", rd])
             results.setdefault(name, {}).update(score_oof(rd))
-            results[name].update(score_pool(rd, pool, out / "pool_labels.csv"))
-            results[name]["epoch_seconds"] = _epoch_seconds(rd, args.folds)
+            results[name].update(score_pool(rd, pool, out / "pool_labels.csv", [0], "pool_fold0"))
+            if folds == all_folds:
+                results[name].update(score_pool(rd, pool, out / "pool_labels.csv"))
+            results[name]["epoch_seconds"] = _epoch_seconds(rd, folds)
             save()
         print(name, results[name], flush=True)
     if "serve" not in results:
@@ -181,10 +197,10 @@ def main() -> None:
     print(json.dumps(results, indent=1))
 
 
-def _epoch_seconds(rd: Path, folds: int) -> float:
+def _epoch_seconds(rd: Path, folds: list[int]) -> float:
     """Mean seconds per training epoch over the folds (metrics.csv)."""
     secs = []
-    for k in range(folds):
+    for k in folds:
         with open(rd / f"fold{k}" / "metrics.csv", encoding="utf-8") as fh:
             secs += [float(r["seconds"]) for r in csv.DictReader(fh) if r.get("seconds")]
     return round(float(np.mean(secs)), 1)
