@@ -99,6 +99,17 @@ def test_teacher_columns_are_folded_into_the_students_merged_classes_or_refused_
         to_student_classes(p, ["a", "c", "zz"], merge, "T")
 
 
+def test_every_file_of_the_teacher_folder_is_one_overwrite_may_delete_and_no_other(tmp_path):
+    from carclf.artifacts.run import FULL, is_teacher_file
+    from carclf.artifacts.teacher import TeacherDir, unlabeled_file
+
+    td = TeacherDir(tmp_path)
+    for name in (td.targets.name, td.skipped_csv.name, unlabeled_file(0), unlabeled_file(12), unlabeled_file(FULL)):
+        assert is_teacher_file(name), name
+    for name in ("notes.txt", "unlabeled-foldx.npz", "targets.npz.bak"):
+        assert not is_teacher_file(name), name
+
+
 # ------------------------------------------------------------------------------------------------ real runs
 
 @pytest.fixture(scope="module")
