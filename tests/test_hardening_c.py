@@ -81,7 +81,7 @@ def test_a_dropped_class_is_not_stratified_and_its_photo_is_listed(tmp_path, mon
     root, _ = _data(tmp_path / "data")
     (root / "train" / LAST).mkdir()
     (root / "train" / LAST / "broken.jpg").write_bytes(b"")
-    monkeypatch.setattr(loop, "parse_folds", lambda spec, n: [])  # the data step only: no fold is trained
+    monkeypatch.setattr(loop, "parse_folds", lambda spec, n, outer=-1: [])  # the data step only: no fold is trained
     over = tiny_overrides(root, tmp_path / "runs", **{"data.empty_class": "drop"})
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # scikit-learn's "least populated class" UserWarning fails the test
@@ -103,7 +103,7 @@ def test_train_says_how_many_more_photos_it_skipped(tmp_path, monkeypatch, capsy
     root, classes = _data(tmp_path / "data")
     for i in range(13):
         (root / "train" / classes[i % 3] / f"empty{i:02d}.jpg").write_bytes(b"")
-    monkeypatch.setattr(loop, "parse_folds", lambda spec, n: [])
+    monkeypatch.setattr(loop, "parse_folds", lambda spec, n, outer=-1: [])
     assert main(["train", *tiny_overrides(root, tmp_path / "runs")]) == 0
     out = capsys.readouterr().out.splitlines()
     listed = [line for line in out if line.startswith("  ") and "zero-byte" in line]

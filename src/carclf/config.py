@@ -38,6 +38,8 @@ class DataConfig:
     merge_split: str = "even"  # how predict shares a merged class's probability among its names: even | prior
     empty_class: str = "error"  # a class left with no usable photo: error | drop (train without it; see below)
     dropped_class_prob: float = 1e-4  # with empty_class=drop: the probability a dropped class's column gets
+    outer_fold: int = -1  # nested cross-validation: fold k is left out entirely (neither trained nor validated
+    #                       on); the other folds keep their numbers. carclf nest sets it (README "Distillation")
 
 
 @dataclass
@@ -166,6 +168,8 @@ class DistillConfig:
     #                                    teacher's top probability (confidence)
     min_confidence: float = 0.0  # unlabeled photos whose teacher top probability is below this are left out
     allow_partial: bool = False  # a teacher with unfinished folds: train those folds' photos on the hard label alone
+    targets: str = "nested"  # nested: student fold k learns from teacher models that never saw fold k (carclf nest)
+    #                          | oof: from the teacher's OOF rows (no extra models; the student's OOF is optimistic)
 
 
 @dataclass
@@ -285,6 +289,30 @@ def config_from_dict(doc: dict[str, Any], source: str = "config") -> Config:
     return cfg
 
 
+def config_diff(a: dict, b: dict, ignore: set[tuple[str, ...]] = frozenset(), prefix: tuple = ()) -> list[str]:
+    """The keys two configs (as dicts) set differently, as ``key: old -> new`` lines; ``ignore``: key paths."""
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            diffs += config_diff(va, vb, ignore, (*prefix, key))
+        elif va != vb and (*prefix, key) not in ignore:
+            diffs.append(f"{'.'.join((*prefix, key))}: {va!r} -> {vb!r}")
+    return diffs
+
+
+def _distill_checks(d: DistillConfig) -> list[tuple[bool, str]]:
+    return [
+        (0 <= d.alpha <= 1, "distill.alpha must be in [0, 1] (0: hard labels alone, 1: teacher alone)"),
+        (0 < d.temperature <= 20, "distill.temperature must be in (0, 20] (Hinton's T, typically 1-4)"),
+        (d.unlabeled_weight in {"uniform", "confidence"}, "distill.unlabeled_weight must be 'uniform' or 'confidence'"),
+        (0 <= d.min_confidence < 1, "distill.min_confidence must be in [0, 1)"),
+        (d.targets in {"nested", "oof"}, "distill.targets must be 'nested' or 'oof'"),
+        (bool(d.teacher) or not d.unlabeled,
+         "distill.unlabeled needs distill.teacher: the teacher gives the unlabeled photos their targets"),
+    ]
+
+
 def validate(cfg: Config) -> None:
     """Range checks that a type check cannot express."""
     checks = [
@@ -338,13 +366,9 @@ def validate(cfg: Config) -> None:
          "train.full_epochs must be 0 (the folds' choice) or at most train.epochs (its schedule's length)"),
         (0 <= cfg.train.swa_start_epoch < max(cfg.train.epochs, 1),
          "train.swa_start_epoch must be 0 (off) or an epoch before train.epochs"),
-        (0 <= cfg.distill.alpha <= 1, "distill.alpha must be in [0, 1] (0: hard labels alone, 1: teacher alone)"),
-        (0 < cfg.distill.temperature <= 20, "distill.temperature must be in (0, 20] (Hinton's T, typically 1-4)"),
-        (cfg.distill.unlabeled_weight in {"uniform", "confidence"},
-         "distill.unlabeled_weight must be 'uniform' or 'confidence'"),
-        (0 <= cfg.distill.min_confidence < 1, "distill.min_confidence must be in [0, 1)"),
-        (bool(cfg.distill.teacher) or not cfg.distill.unlabeled,
-         "distill.unlabeled needs distill.teacher: the teacher gives the unlabeled photos their targets"),
+        (-1 <= cfg.data.outer_fold < cfg.data.n_folds,
+         f"data.outer_fold must be -1 (off) or a fold number 0..{cfg.data.n_folds - 1}"),
+        *_distill_checks(cfg.distill),
     ]
     for ok, message in checks:
         if not ok:
@@ -453,7 +477,11 @@ def save_config(cfg: Config, path: Path) -> None:
 def read_config(path: Path) -> Config:
     if not path.is_file():
         raise CarclfError(f"'{path}' not found: is this a carclf run directory?")
-    return config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, str(path))
+    doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    distill = doc.get("distill") if isinstance(doc.get("distill"), dict) else {}
+    if distill.get("teacher") and "targets" not in distill:
+        distill["targets"] = "oof"  # a run distilled before distill.targets existed learnt from the OOF rows
+    return config_from_dict(doc, str(path))
 
 
 __all__ = [

@@ -51,6 +51,7 @@ class RunData:
     merge: MergeMap
     folds_file: Path
     bad: dict[str, str] = field(default_factory=dict)  # path -> reason for photos left out of training
+    outer: int = -1  # data.outer_fold: a fold no model of the run trains or validates on (nested CV)
 
     @property
     def classes(self) -> list[str]:
@@ -66,7 +67,7 @@ class RunData:
         return usable_mask(self.trainset, self.bad, self.labels)
 
     def split(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        good = self.usable()
+        good = self.usable() & (self.folds != self.outer)
         return np.where(good & (self.folds != k))[0], np.where(good & (self.folds == k))[0]
 
     def skipped_lines(self, listed_in: Path | str, limit: int = 10) -> list[str]:
@@ -148,4 +149,4 @@ def load_run_data(cfg: Config, log: Callable[[str], None] = print) -> RunData:
     folds, folds_file = load_or_make_folds(
         trainset, cfg.data.n_folds, cfg.data.fold_seed, prepare_dir(cfg), groups, labels.tolist(), merge.classes
     )
-    return RunData(trainset, folds, merge, folds_file, bad)
+    return RunData(trainset, folds, merge, folds_file, bad, cfg.data.outer_fold)

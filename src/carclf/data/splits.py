@@ -102,15 +102,15 @@ def load_or_make_folds(
     return folds, path
 
 
-def parse_folds(spec: str, n_folds: int) -> list[int]:
+def parse_folds(spec: str, n_folds: int, outer: int = -1) -> list[int]:
     """``"all"`` -> every fold; ``"0,2"`` -> [0, 2]; ``"full"`` (alone or after folds: ``"all,full"``) adds the
     full-data fit, numbered ``-1`` (carclf.artifacts.run.FULL) and always last, after the folds that choose its
-    epochs."""
+    epochs. ``outer`` (``data.outer_fold``): a fold left out of the run, never in "all" and refused by number."""
     items = [s.strip().lower() for s in str(spec).split(",") if s.strip()]
     full = "full" in items
     items = [s for s in items if s != "full"]
     if items == ["all"]:
-        return list(range(n_folds)) + ([-1] if full else [])
+        return [k for k in range(n_folds) if k != outer] + ([-1] if full else [])
     try:
         chosen = sorted({int(s) for s in items})
     except ValueError as exc:
@@ -121,4 +121,7 @@ def parse_folds(spec: str, n_folds: int) -> list[int]:
     bad = [k for k in chosen if not 0 <= k < n_folds]
     if bad or not (chosen or full):
         raise CarclfError(f"train.folds='{spec}': folds are numbered 0..{n_folds - 1} (data.n_folds={n_folds})")
+    if outer >= 0 and outer in chosen:
+        raise CarclfError(f"train.folds='{spec}': fold {outer} is data.outer_fold, left out of this run entirely "
+                          "(nested cross-validation): train the other folds")
     return chosen + ([-1] if full else [])

@@ -24,7 +24,7 @@ from carclf.artifacts.checkpoint import checked_best_sha256, read_last, write_la
 from carclf.artifacts.metrics_csv import write_metrics
 from carclf.artifacts.oof import write_fold_oof
 from carclf.artifacts.run import RunDir, fold_name
-from carclf.config import Config, effective_lr, global_batch, parse_size_schedule
+from carclf.config import Config, config_diff, effective_lr, global_batch, parse_size_schedule
 from carclf.data.dataset import ImageDataset, make_loader
 from carclf.data.merges import MergeMap
 from carclf.data.rundata import RunData, load_run_data
@@ -62,17 +62,6 @@ __all__ = ["build_fold", "check_startable", "set_epoch_switches", "train", "trai
 RESUMABLE_KEYS = {("train", "folds"), ("train", "device"), ("train", "threads"), ("predict", "batch_size")}
 
 
-def _config_diff(a: dict, b: dict, prefix: tuple = ()) -> list[str]:
-    diffs = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            diffs += _config_diff(va, vb, (*prefix, key))
-        elif va != vb and (*prefix, key) not in RESUMABLE_KEYS:
-            diffs.append(f"{'.'.join((*prefix, key))}: {va!r} -> {vb!r}")
-    return diffs
-
-
 def check_startable(rd: RunDir, cfg: Config, resume: bool, overwrite: bool) -> None:
     """Refuse an existing run directory unless asked to resume (same config) or overwrite (a folder carclf made,
     holding only what it wrote); changes nothing. ``--resume`` on a run that does not exist yet starts it, so that
@@ -96,7 +85,7 @@ def check_startable(rd: RunDir, cfg: Config, resume: bool, overwrite: bool) -> N
         raise CarclfError(
             f"--resume: '{rd.path}' is not a carclf run directory (no marker, no config.yaml): choose another name=..."
         )
-    diffs = _config_diff(rd.read_config().to_dict(), cfg.to_dict())
+    diffs = config_diff(rd.read_config().to_dict(), cfg.to_dict(), RESUMABLE_KEYS)
     if diffs:
         raise CarclfError(
             f"--resume: the config differs from the one '{rd.path}' was started with: {'; '.join(diffs)}. "
@@ -122,6 +111,8 @@ def record_run_data(rd: RunDir, cfg: Config, data: RunData, resume: bool, teache
     }
     if rd.meta_path.is_file():
         old = rd.read_meta()
+        if "distill" in meta and "nested" in old.get("distill", {}):  # folds started by earlier calls
+            meta["distill"]["nested"] = {**old["distill"]["nested"], **meta["distill"]["nested"]}
         same_folds = rd.folds_csv.is_file() and rd.folds_csv.read_bytes() == data.folds_file.read_bytes()
         # Through MergeMap, so a run.json written before a field was added still compares equal.
         old_merge = MergeMap.from_dict(old["merge"]).to_dict() if "merge" in old else None
@@ -166,14 +157,14 @@ def train(
                 log(f"--overwrite: deleted the earlier run in '{rd.path}'")
             _log_removed(rd.remove_stale_temps(), log)  # the run lock is held: no live writer of those files
             rd.create(cfg)
+            record_teacher(teacher, rd, data.classes)  # first: it refuses targets another process fixed otherwise
             record_run_data(rd, cfg, data, resume, teacher)
-            record_teacher(teacher, rd, data.classes)
         return data, teacher
 
     data, teacher = on_main(start)
     for line in data.skipped_lines(rd.skipped_csv):  # the first 10, then "... and N more"
         log(line)
-    for k in parse_folds(cfg.train.folds, cfg.data.n_folds):
+    for k in parse_folds(cfg.train.folds, cfg.data.n_folds, cfg.data.outer_fold):
         with contextlib.ExitStack() as held:
 
             def claim(k: int = k, held: contextlib.ExitStack = held) -> bool:
@@ -227,7 +218,7 @@ def _prepare_batch(parts: FoldParts, cfg: Config, x: torch.Tensor, y: torch.Tens
     """A training batch on ``device``: normalised, randomly erased, in the run's memory format, mixed. Distilling,
     ``y`` holds row numbers and the batch's targets come back as train/distill.py's DistillBatch."""
     rows = y  # distilling: the batch's rows of the target table, indexed on the CPU (no device sync per step)
-    x, y = parts.normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+    x = parts.normalize(x.to(device, non_blocking=True))
     if parts.erasing is not None:
         x = parts.erasing(x)
     if cfg.train.channels_last:
@@ -238,6 +229,7 @@ def _prepare_batch(parts: FoldParts, cfg: Config, x: torch.Tensor, y: torch.Tens
                 x, rows = x[:-1], rows[:-1]
             x, _ = parts.mixup(x, parts.distill.hard[rows].to(device, non_blocking=True))  # mixes x, records lam
         return x, batch_targets(parts.distill, rows, parts.criterion.base, parts.mixup, device)
+    y = y.to(device, non_blocking=True)
     if parts.mixup is not None:
         if len(x) % 2:  # timm's Mixup pairs samples and needs an even batch
             x, y = x[:-1], y[:-1]
@@ -623,6 +615,8 @@ def write_oof(fold: Fold, val_loader: DataLoader, best: dict, eval_size: int = 0
     summary = {"fold": fp.k, "best_epoch": best["epoch"], "best_weights": best.get("weights"), "eval_size": eval_size,
                "eval_size_log_loss": {str(k): v for k, v in (size_scores or {}).items()}, "tta": policy,
                "oof_views": views, "lr_effective": effective_lr(cfg), "versions": versions(),
+               # what the model trained on, as recorded (a nested run's left-out fold is never among them)
+               "n_train": len(fold.tr_idx), "train_folds": sorted({int(f) for f in data.folds[fold.tr_idx]}),
                **{f"oof_{m}": v for m, v in s.items()}, "best_sha256": best.get("sha256") or file_sha256(fp.best)}
     atomic_write_text(fp.summary, json.dumps(summary, indent=1))
     extra = {"features": feats[keep].astype(np.float16)} if feats is not None else {}
