@@ -104,9 +104,10 @@ def test_every_file_of_the_teacher_folder_is_one_overwrite_may_delete_and_no_oth
     from carclf.artifacts.teacher import TeacherDir, unlabeled_file
 
     td = TeacherDir(tmp_path)
-    for name in (td.targets.name, td.skipped_csv.name, unlabeled_file(0), unlabeled_file(12), unlabeled_file(FULL)):
+    for name in (td.targets.name, td.skipped_csv.name, unlabeled_file(0), unlabeled_file(12), unlabeled_file(FULL),
+                 td.fold_targets(0).name, td.fold_targets(11).name):
         assert is_teacher_file(name), name
-    for name in ("notes.txt", "unlabeled-foldx.npz", "targets.npz.bak"):
+    for name in ("notes.txt", "unlabeled-foldx.npz", "targets.npz.bak", "targets-fold.npz", "targets-fold1.npz.tmp"):
         assert not is_teacher_file(name), name
 
 
@@ -124,6 +125,8 @@ def teacher(synth_data, tmp_path_factory):
 def _train(synth_data, out, log=_quiet, **extra):
     from carclf.train.loop import train
 
+    if extra.get("distill.teacher"):  # 2 folds: the OOF targets (test_nest.py: the nested ones)
+        extra.setdefault("distill.targets", "oof")
     return train(load_config(None, tiny_overrides(synth_data, out, **extra)), log=log)
 
 
@@ -161,7 +164,8 @@ def test_no_student_fold_gets_a_target_from_a_model_that_trained_on_its_validati
 
     cfg = lc(None, tiny_overrides(synth_data, tmp_path, name="s", **{"distill.teacher": teacher,
                                                                      "distill.unlabeled": "test",
-                                                                     "distill.temperature": 1.0}))
+                                                                     "distill.temperature": 1.0,
+                                                                     "distill.targets": "oof"}))
     data = load_run_data(cfg, _quiet)
     rd = RunDir(cfg.run_dir)
     rd.path.mkdir(parents=True)
@@ -222,7 +226,8 @@ def test_resume_of_a_distilled_run_is_bit_exact(synth_data, teacher, tmp_path):
     tests = sorted((synth_data / "test").glob("*.jpg"))
     for p in tests[:12]:
         shutil.copy(p, folder / p.name)
-    over = {"train.epochs": 2, "aug.cutmix": 1.0, "distill.teacher": teacher, "distill.unlabeled": folder,
+    over = {"train.epochs": 2, "aug.cutmix": 1.0, "distill.teacher": teacher, "distill.targets": "oof",
+            "distill.unlabeled": folder,
             "distill.unlabeled_weight": "confidence"}
     full = _train(synth_data, tmp_path / "a", **over)
 
@@ -276,7 +281,8 @@ def test_an_ensemble_teacher_predicts_unlabeled_photos_with_its_fold_models_only
 
     before = sorted(p.name for p in (student / "fold0").iterdir())
     with pytest.raises(CarclfError, match=r"\(member .*\) is this run itself"):
-        train(load_config(None, tiny_overrides(synth_data, tmp_path / "s", **{"distill.teacher": mine})),
+        train(load_config(None, tiny_overrides(synth_data, tmp_path / "s", **{"distill.teacher": mine,
+                                                                                 "distill.targets": "oof"})),
               overwrite=True, log=_quiet)
     assert sorted(p.name for p in (student / "fold0").iterdir()) == before
 
@@ -328,14 +334,15 @@ def test_a_teacher_changed_after_distillation_stops_the_resume(synth_data, teach
     (mine / "fold0" / "calibration.json").write_text(json.dumps({"temperature": 1.7}))
     from carclf.train.loop import train
 
-    more = load_config(None, tiny_overrides(synth_data, tmp_path, **{"distill.teacher": mine, "train.folds": "all"}))
+    more = load_config(None, tiny_overrides(synth_data, tmp_path, **{"distill.teacher": mine, "train.folds": "all",
+                                                                      "distill.targets": "oof"}))
     with pytest.raises(CarclfError, match="changed since .* started .*put it back, or start a new run name"):
         train(more, resume=True, log=_quiet)
     assert sorted(p.name for p in (run / "fold0").iterdir()) == before  # nothing lost
     assert not (run / "fold1").exists()
     # --overwrite starts afresh: the new teacher's targets, not the old run's
-    again = train(load_config(None, tiny_overrides(synth_data, tmp_path, **{"distill.teacher": mine})), overwrite=True,
-                  log=_quiet)
+    fresh = tiny_overrides(synth_data, tmp_path, **{"distill.teacher": mine, "distill.targets": "oof"})
+    again = train(load_config(None, fresh), overwrite=True, log=_quiet)
     z = np.load(again / "teacher" / "targets.npz")
     assert str(z["checksum"]) == RunDir(again).read_meta()["distill"]["checksum"]
 

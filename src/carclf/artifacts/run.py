@@ -432,8 +432,9 @@ def _run_entry_unknown(entry: Path) -> list[str]:
 def is_teacher_file(name: str) -> bool:
     """What carclf writes into a distilled run's ``teacher/`` (artifacts/teacher.py's files; ``--overwrite``
     deletes these and nothing else). Here, not there: teacher.py reads runs, so run.py cannot import it."""
-    return name in {"targets.npz", "unlabeled-skipped.csv", "unlabeled-full.npz"} or (
-        name.startswith("unlabeled-fold") and name.endswith(".npz") and name[14:-4].isdigit())
+    return name in {"targets.npz", "unlabeled-skipped.csv", "unlabeled-full.npz"} or any(
+        name.startswith(stem) and name.endswith(".npz") and name[len(stem):-4].isdigit()
+        for stem in ("unlabeled-fold", "targets-fold"))
 
 
 # made: the marker, or config.yaml beside run.json for runs made before the marker existed (RunDir.is_run)

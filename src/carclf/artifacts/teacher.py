@@ -6,6 +6,9 @@
       targets.npz            the teacher's calibrated out-of-fold probabilities over the student's classes, one row
                              per training photo that has one (``paths``, ``folds``, ``probs``), and the unlabeled
                              photos with their SHA-1 (``unlabeled_paths``, ``unlabeled_sha1``): fixed at the start
+      targets-fold<k>.npz    distill.targets=nested: student fold k's targets, the out-of-fold rows of the teacher's
+                             nested models for fold k (trained with fold k left out, ``nested_path``), with that
+                             nested teacher's checksum and path: fixed when the fold is first started
       unlabeled-fold<k>.npz  the unlabeled photos' teacher probabilities for student fold k, predicted by the
                              teacher's fold-k models alone (``paths``, ``sha1``, ``probs``, ``ok``); -full for the
                              full-data fit (every teacher fold). A cache: keyed by the teacher's checksum and each
@@ -35,11 +38,21 @@ TARGETS_FILE = "targets.npz"
 UNLABELED_SKIPPED = "unlabeled-skipped.csv"
 TARGETS_FORMAT = 1
 TARGET_KEYS = ("format", "checksum", "classes", "paths", "folds", "probs", "unlabeled_paths", "unlabeled_sha1")
+FOLD_TARGET_KEYS = ("format", "checksum", "source", "classes", "paths", "folds", "probs")
 UNLABELED_KEYS = ("checksum", "paths", "sha1", "probs", "ok")
 
 
 def unlabeled_file(k: int) -> str:
     return "unlabeled-full.npz" if k == FULL else f"unlabeled-fold{k}.npz"
+
+
+def nested_path(path: Path | str, k: int) -> Path:
+    """Where a teacher's nested models for fold k live: a sibling run (or ensemble) ``<name>-outer<k>``, trained
+    with ``data.outer_fold=k`` (``carclf nest`` makes them)."""
+    path = Path(path)
+    if not path.name:
+        path = path.resolve()
+    return path.with_name(f"{path.name}-outer{k}")
 
 
 def teacher_checksum(path: Path | str) -> str:
@@ -87,6 +100,27 @@ class TeacherDir:
 
     def unlabeled(self, k: int) -> Path:
         return self.path / unlabeled_file(k)
+
+    def fold_targets(self, k: int) -> Path:
+        return self.path / f"targets-fold{k}.npz"
+
+    def write_fold_targets(self, k: int, checksum: str, source: str, classes: list[str], paths: np.ndarray,
+                           folds: np.ndarray, probs: np.ndarray) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_savez(self.fold_targets(k), format=np.array(TARGETS_FORMAT), checksum=np.array(checksum),
+                     source=np.array(source), classes=np.array(classes, dtype=str),
+                     paths=np.asarray(paths, dtype=str), folds=np.asarray(folds, dtype=np.int64),
+                     probs=np.asarray(probs, dtype=np.float32))
+
+    def read_fold_targets(self, k: int) -> dict[str, Any]:
+        f = self.fold_targets(k)
+        z = read_npz(f, FOLD_TARGET_KEYS, "start the distilled run again under a new name")
+        if int(z["format"]) > TARGETS_FORMAT:
+            raise CarclfError(f"'{f}' has format {int(z['format'])}, newer than this carclf reads "
+                              f"({TARGETS_FORMAT}): upgrade carclf")
+        return {"checksum": str(z["checksum"]), "source": str(z["source"]),
+                "classes": [str(c) for c in z["classes"]], "paths": z["paths"].astype(str), "folds": z["folds"],
+                "probs": z["probs"]}
 
     def write_targets(self, checksum: str, classes: list[str], paths: np.ndarray, folds: np.ndarray,
                       probs: np.ndarray, unlabeled: list[str], unlabeled_sha1: list[str]) -> None:
@@ -140,4 +174,5 @@ class TeacherDir:
         atomic_write_text(self.skipped_csv, buf.getvalue())
 
 
-__all__ = ["TEACHER_DIR", "TeacherDir", "is_teacher_file", "photo_sha1", "teacher_checksum", "unlabeled_file"]
+__all__ = ["TEACHER_DIR", "TeacherDir", "is_teacher_file", "nested_path", "photo_sha1", "teacher_checksum",
+           "unlabeled_file"]

@@ -7,18 +7,23 @@ Honesty, the rules this module enforces:
   training photos (nearly one-hot, and a leak);
 * the student's folds are the teacher's folds (refused otherwise, with the keys to set), so the photos a student fold
   validates on are the ones the teacher held out too, and their own teacher rows are never training targets;
-* an unlabeled photo's target for student fold k comes from the teacher's fold-k models alone, the ones that never
-  saw fold k's photos; unlabeled photos only ever join training, never validation or the out-of-fold rows, and a
-  byte-for-byte copy of a labeled photo is left out.
+* an unlabeled photo's target for student fold k comes from models that never saw fold k's photos (the nested
+  teacher's, or with OOF targets the teacher's fold-k models); unlabeled photos only ever join training, never
+  validation or the out-of-fold rows, and a byte-for-byte copy of a labeled photo is left out;
 
-What remains (README, "Distillation"): the teacher models that produced fold j's rows trained on the other folds, the
-student's validation fold among them, so a little of what the teacher learnt from that fold reaches the student
-through the other folds' targets. The benchmark measures that on photos no model trained on.
+* ``distill.targets=nested`` (the default): student fold k's labeled targets are the out-of-fold rows of the
+  teacher's nested models for fold k (``<teacher>-outer<k>``, trained with ``data.outer_fold=k``: no model behind
+  them saw a photo of fold k, checked from their configs), so no target a student fold learns from was produced by a
+  model that trained on the photos it validates on. ``distill.targets=oof`` uses the teacher's own OOF rows: those
+  of fold j came from the model that trained on every other fold, fold k among them, so a little of what the
+  teacher learnt from fold k reaches the student, and its OOF figure is optimistic (measured: benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
+import csv
 import os
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +35,13 @@ from carclf.artifacts.oof import load_oof
 from carclf.artifacts.prepare import PrepareDir
 from carclf.artifacts.resolve import ENSEMBLE, EXPORT, RUN, kind_of, require
 from carclf.artifacts.run import FULL, RunDir, fold_name
-from carclf.artifacts.teacher import TeacherDir, photo_sha1, teacher_checksum
-from carclf.config import Config
+from carclf.artifacts.teacher import TeacherDir, nested_path, photo_sha1, teacher_checksum
+from carclf.config import Config, config_diff
 from carclf.data.manifest import read_manifest
 from carclf.data.merges import MergeMap
 from carclf.data.rundata import RunData, prepare_dir
 from carclf.data.scan import IMAGE_EXTS, os_leftover, scan_test
+from carclf.data.splits import parse_folds
 from carclf.errors import CarclfError
 from carclf.train.distill import DistillTargets
 
@@ -113,9 +119,8 @@ class Teacher:
     unlabeled_sha1: list[str] = field(default_factory=list)  # as at the start: a resume trains on these photos
     skipped: dict[str, str] = field(default_factory=dict)  # unlabeled photos left out, with the reason
     info: dict = field(default_factory=dict)  # run.json's ``distill`` entry
-
-    def rows(self) -> dict[str, int]:
-        return {p: i for i, p in enumerate(self.paths)}
+    nested: dict[int, tuple[Path, str]] = field(default_factory=dict)  # fold -> nested teacher and its checksum
+    pending: dict[int, tuple] = field(default_factory=dict)  # fold -> (paths, folds, probs) record_teacher writes
 
 
 def _check_folds(oof_paths: np.ndarray, oof_folds: np.ndarray, data: RunData, who: str, hint: str) -> None:
@@ -132,23 +137,37 @@ def _check_folds(oof_paths: np.ndarray, oof_folds: np.ndarray, data: RunData, wh
         )
 
 
-def _incomplete(oof_folds: np.ndarray, data: RunData, cfg: Config, source: str) -> list[int]:
-    """The student folds with no teacher row; refused (naming the folds and the photos that would fall back) unless
-    ``distill.allow_partial``."""
+def _split_of(t_rd: RunDir, paths: np.ndarray, folds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A teacher run's fold of every photo it was split over (its ``folds.csv``: also the photos of folds it has no
+    rows of yet), else of its OOF rows."""
+    if not t_rd.folds_csv.is_file():
+        return paths, folds
+    with t_rd.folds_csv.open(encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return np.array([r["path"] for r in rows], dtype=object), np.array([int(r["fold"]) for r in rows])
+
+
+def _incomplete(oof_folds: np.ndarray, data: RunData, cfg: Config, source: str, outer: int = -1) -> list[int]:
+    """The student folds with no teacher row (but ``outer``, a nested teacher's left-out fold); refused (naming the
+    folds and the photos that would fall back) unless ``distill.allow_partial``."""
     have = {int(f) for f in np.unique(oof_folds)}
-    missing = [k for k in range(cfg.data.n_folds) if k not in have]
+    if outer in have:
+        raise CarclfError(f"distill.teacher '{source}' has out-of-fold rows of fold {outer}, the fold it should have "
+                          f"left out: remake it (carclf nest ... --outer {outer} --overwrite)")
+    missing = [k for k in range(cfg.data.n_folds) if k not in have and k != outer]
     if missing and not cfg.distill.allow_partial:
         n = int(np.isin(data.folds[data.usable()], missing).sum())
         raise CarclfError(
             f"distill.teacher '{source}' has no out-of-fold rows for fold(s) {', '.join(map(str, missing))} (not "
             f"trained or not finished): {n} training photos would fall back to their hard labels. Finish the "
-            "teacher (carclf train ... train.folds=all --resume), or pass distill.allow_partial=true"
+            + ("teacher's nested models (run carclf nest again)" if outer >= 0 else
+               "teacher (carclf train ... train.folds=all --resume)") + ", or pass distill.allow_partial=true"
         )
     return missing
 
 
 def _fresh_targets(cfg: Config, data: RunData, path: Path, kind: str,
-                   rd: RunDir) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   rd: RunDir, outer: int = -1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The teacher's OOF rows for the student's photos, checked: every run behind it (an ensemble's every member)
     split as the student is and merges no class the student keeps apart, is not the student itself, and the teacher
     has rows for every fold (or ``distill.allow_partial``)."""
@@ -167,23 +186,103 @@ def _fresh_targets(cfg: Config, data: RunData, path: Path, kind: str,
                               f"{cfg.data.n_folds}: train the student with {_fold_hint(t_cfg)}")
         _check_merges(t_rd.merge_map(), data.merge, who)
         rows = oof if kind == RUN else load_run_oof(t_rd.path)
-        _check_folds(rows.paths, rows.folds, data, who, _fold_hint(t_cfg))
+        _check_folds(*_split_of(t_rd, rows.paths, rows.folds), data, who, _fold_hint(t_cfg))
     probs = to_student_classes(oof.probs, oof.classes, data.merge, source)
-    _incomplete(oof.folds, data, cfg, source)
+    _incomplete(oof.folds, data, cfg, source, outer)
     return oof.paths.astype(str), oof.folds.astype(np.int64), probs
+
+
+# Keys a teacher's nested run may set otherwise than the teacher (carclf nest changes the first four).
+NESTED_KEYS = {("name",), ("out_dir",), ("data", "outer_fold"), ("train", "folds"), ("train", "device"),
+               ("train", "threads"), ("predict", "batch_size")}
+
+
+def _nested_teacher(path: Path, kind: str, k: int, cfg: Config) -> Path:
+    """The teacher's nested models for student fold k (``<teacher>-outer<k>``), checked: the same kind, every run
+    behind it trained with ``data.outer_fold=k`` (so no model behind the fold's targets saw a photo of fold k), and
+    made from the teacher (a run: the same settings; an ensemble: its members' nested runs)."""
+    if cfg.data.n_folds < 3:
+        raise CarclfError(f"distill.targets=nested needs data.n_folds >= 3 (nested models leave a fold out and "
+                          f"cross-validate on the rest); with {cfg.data.n_folds}, set distill.targets=oof")
+    n = nested_path(path, k)
+    remake = f"carclf nest {shlex.quote(str(path))} --outer {k}"
+    if not n.exists():
+        raise CarclfError(
+            f"distill.targets=nested: student {fold_name(k)} learns from the teacher's models that never saw fold "
+            f"{k}, '{n}', which does not exist. Make them with `{remake}` ({cfg.data.n_folds - 1} models trained "
+            "without fold k; without --outer, for every fold), or set distill.targets=oof (no extra models, but the "
+            "student's out-of-fold figure is then optimistic)")
+    got = kind_of(n)
+    if got != kind:
+        raise CarclfError(f"'{n}' is {f'an {got}' if got else 'not a carclf run or ensemble'}, not the nested {kind} "
+                          f"of distill.teacher '{path}': move it away and run `{remake}`")
+    for _, n_rd in _teacher_runs(n, kind):
+        outer = n_rd.read_config().data.outer_fold
+        if outer != k:
+            raise CarclfError(f"'{n_rd.path}' was trained with data.outer_fold={outer}, not {k}: it is not a nested "
+                              f"run for fold {k}; move it away and run `{remake}`")
+    if kind == RUN:
+        diffs = config_diff(RunDir.open(path).read_config().to_dict(), RunDir.open(n).read_config().to_dict(),
+                            NESTED_KEYS)
+        if diffs:
+            raise CarclfError(f"'{n}' was trained with other settings than distill.teacher '{path}' ("
+                              f"{'; '.join(diffs[:3])}): remake it with `{remake} --overwrite`")
+    else:
+        want = [nested_path(member_run(path, m), k).resolve() for m in read_ensemble(path)["members"]]
+        have = [member_run(n, m).resolve() for m in read_ensemble(n)["members"]]
+        if want != have:
+            raise CarclfError(f"'{n}' is not made of the nested runs of distill.teacher '{path}''s members "
+                              f"({', '.join(map(str, want))}): rebuild it with `{remake} --overwrite`")
+    return n
+
+
+def _nested_targets(cfg: Config, data: RunData, path: Path, kind: str, rd: RunDir, td: TeacherDir,
+                    teacher: Teacher, resume: bool) -> None:
+    """distill.targets=nested: check the nested teacher of every student fold this call trains; its targets are
+    computed now (``teacher.pending``, written by :func:`record_teacher`), or, for a fold that has trained an epoch,
+    its checksum must be the one the fold started with."""
+    for k in parse_folds(cfg.train.folds, cfg.data.n_folds, cfg.data.outer_fold):
+        if k == FULL or (resume and rd.fold(k).complete):  # (a complete fold trains no more)
+            continue  # the full-data fit has no validation photos: it learns from the teacher's OOF rows
+        n = _nested_teacher(path, kind, k, cfg)
+        teacher.nested[k] = (n, teacher_checksum(n))
+        if resume and _started(rd, k):  # it keeps the targets it started with
+            if not td.fold_targets(k).is_file():
+                raise CarclfError(f"{fold_name(k)} of '{rd.path}' has started, but '{td.fold_targets(k)}', the "
+                                  "targets it trains on, is gone: start a new run name")
+            _resumed_fold(td, k, teacher.nested[k][1], n, rd, data.classes)
+        else:
+            teacher.pending[k] = _fresh_targets(cfg, data, n, kind, rd, outer=k)
+
+
+def _started(rd: RunDir, k: int) -> bool:
+    """Fold k has trained at least one epoch (its targets are then fixed; before, a remade teacher replaces them)."""
+    return rd.fold(k).last.is_file() or rd.fold(k).complete
+
+
+def _check_saved(saved: dict, file: Path, checksum: str, who: str, since: str, classes: list[str]) -> dict:
+    """Targets read back from ``file``, refused when ``who`` (the teacher) changed since ``since`` started (its
+    checksum) or the run's classes differ."""
+    if saved["checksum"] != checksum:
+        raise CarclfError(
+            f"{who} changed since {since} started (its checksum was {saved['checksum'][:12]}, now {checksum[:12]}: "
+            "retrained, recalibrated or rebuilt): resume needs the teacher it started with; put it back, or start a "
+            "new run name")
+    if saved["classes"] != list(classes):
+        raise CarclfError(f"'{file}' holds other classes than the run: start a new run name")
+    return saved
+
+
+def _resumed_fold(td: TeacherDir, k: int, checksum: str, n: Path, rd: RunDir, classes: list[str]) -> dict:
+    """Fold k's nested targets as the fold started with them."""
+    return _check_saved(td.read_fold_targets(k), td.fold_targets(k), checksum, f"the nested teacher '{n}'",
+                        f"{fold_name(k)} of '{rd.path}'", classes)
 
 
 def _resumed_targets(td: TeacherDir, checksum: str, path: Path, rd: RunDir, classes: list[str]) -> dict:
     """The targets a run started with, refused when the teacher changed since (its checksum)."""
-    saved = td.read_targets()
-    if saved["checksum"] != checksum:
-        raise CarclfError(
-            f"distill.teacher '{path}' changed since '{rd.path}' started (its checksum was {saved['checksum'][:12]}, "
-            f"now {checksum[:12]}: retrained, recalibrated or rebuilt): resume needs the teacher the run started "
-            "with; put it back, or start a new run name")
-    if saved["classes"] != list(classes):
-        raise CarclfError(f"'{td.targets}' holds other classes than the run: start a new run name")
-    return saved
+    return _check_saved(td.read_targets(), td.targets, checksum, f"distill.teacher '{path}'", f"'{rd.path}'",
+                        classes)
 
 
 def load_teacher(cfg: Config, data: RunData, rd: RunDir, log: Callable[[str], None] = print,
@@ -215,6 +314,8 @@ def load_teacher(cfg: Config, data: RunData, rd: RunDir, log: Callable[[str], No
         teacher = Teacher(path, kind, checksum, paths, folds, np.asarray(probs, dtype=np.float32))
         if d.unlabeled:
             teacher.unlabeled, teacher.unlabeled_sha1, teacher.skipped = unlabeled_photos(cfg, data, log)
+    if d.targets == "nested":
+        _nested_targets(cfg, data, path, kind, rd, td, teacher, resume)
     usable = np.array(data.trainset.relpaths(), dtype=object)[data.usable()]
     with_row = int(np.isin(usable, teacher.paths).sum())
     teacher.info = {
@@ -223,14 +324,19 @@ def load_teacher(cfg: Config, data: RunData, rd: RunDir, log: Callable[[str], No
         "unlabeled_weight": d.unlabeled_weight, "min_confidence": d.min_confidence,
         "photos_with_target": with_row, "photos_hard_only": int(len(usable) - with_row),
         "unlabeled_photos": len(teacher.unlabeled), "unlabeled_left_out_at_start": len(teacher.skipped),
-        "oof_optimistic": True,  # the teacher models behind fold j's targets trained on fold k (README)
+        "targets": d.targets,
+        "nested": {str(k): {"teacher": str(n), "teacher_abs": str(n.resolve()), "checksum": c}
+                   for k, (n, c) in teacher.nested.items()},
+        # oof: the teacher models behind fold j's targets trained on fold k, the student's validation (README)
+        "oof_optimistic": d.targets == "oof",
     }
-    log("note: a distilled run's out-of-fold figures are optimistic: the teacher models behind its targets trained "
-        "on its validation photos (on cars196 by 0.2 log loss, benchmarks/RESULTS.md); judge it on photos no teacher "
-        "model saw")
-    log(f"distill: teacher {kind} '{path}' (alpha {d.alpha:g}, T {d.temperature:g}): {with_row} of {len(usable)} "
-        f"training photos have an out-of-fold target" + (f", {len(usable) - with_row} train on the hard label alone"
-                                                          if with_row < len(usable) else "")
+    if d.targets == "oof":
+        log("note: distill.targets=oof: the run's out-of-fold figures are optimistic: the teacher models behind its "
+            "targets trained on its validation photos (on cars196 by 0.2 log loss, benchmarks/RESULTS.md); judge it "
+            "on photos no teacher model saw, or distil from nested models (distill.targets=nested, carclf nest)")
+    log(f"distill: teacher {kind} '{path}' (alpha {d.alpha:g}, T {d.temperature:g}, {d.targets} targets): {with_row} "
+        f"of {len(usable)} training photos have an out-of-fold target"
+        + (f", {len(usable) - with_row} train on the hard label alone" if with_row < len(usable) else "")
         + (f"; {len(teacher.unlabeled)} unlabeled photos ({d.unlabeled})" if d.unlabeled else ""))
     return teacher
 
@@ -249,6 +355,13 @@ def record_teacher(teacher: Teacher | None, rd: RunDir, classes: list[str]) -> N
                          [str(p) for p in teacher.unlabeled], teacher.unlabeled_sha1)
     if teacher.skipped:
         td.write_skipped(teacher.skipped)
+    for k, (paths, folds, probs) in teacher.pending.items():
+        n, checksum = teacher.nested[k]
+        if td.fold_targets(k).is_file() and _started(rd, k):  # another process started fold k meanwhile
+            _resumed_fold(td, k, checksum, n, rd, classes)
+        else:
+            td.write_fold_targets(k, checksum, str(n), classes, paths, folds, probs)
+    teacher.pending.clear()
 
 
 def _folder_photos(folder: Path) -> list[Path]:
@@ -328,13 +441,14 @@ def _check_unchanged(teacher: Teacher) -> list[str]:
 
 def unlabeled_targets(teacher: Teacher, cfg: Config, rd: RunDir, k: int, data: RunData,
                       log: Callable[[str], None] = print) -> tuple[list[Path], np.ndarray]:
-    """Student fold k's unlabeled photos and their teacher probabilities (student classes), predicted by the
-    teacher's fold-k models alone (the full-data fit: every fold's), cached in ``teacher/unlabeled-fold<k>.npz`` by
-    teacher checksum and photo SHA-1: a resumed fold predicts nothing again. Photos that fail to decode are left
+    """Student fold k's unlabeled photos and their teacher probabilities (student classes), predicted by models
+    that never saw fold k (:func:`_predict_unlabeled`), cached in ``teacher/unlabeled-fold<k>.npz`` by their
+    checksum and photo SHA-1: a resumed fold predicts nothing again. Photos that fail to decode are left
     out and listed; ``distill.min_confidence`` leaves out the uncertain ones."""
     td = TeacherDir(rd.path)
     photos, sha = teacher.unlabeled, _check_unchanged(teacher)
-    cached = td.read_unlabeled(k, teacher.checksum)
+    checksum = teacher.nested[k][1] if k in teacher.nested else teacher.checksum  # whose predictions they are
+    cached = td.read_unlabeled(k, checksum)
     known = {} if cached is None else {s: i for i, s in enumerate(cached["sha1"])}
     todo = [i for i, s in enumerate(sha) if s not in known]
     probs = np.zeros((len(photos), len(data.classes)), dtype=np.float32)
@@ -343,11 +457,13 @@ def unlabeled_targets(teacher: Teacher, cfg: Config, rd: RunDir, k: int, data: R
         if s in known:
             probs[i], ok[i] = cached["probs"][known[s]], cached["ok"][known[s]]
     if todo:
-        log(f"distill: the teacher's {fold_name(k)} models predict {len(todo)} unlabeled photos")
+        who = f"the nested teacher '{teacher.nested[k][0]}'" if k in teacher.nested else \
+            f"the teacher's {fold_name(k)} models"
+        log(f"distill: {who} predict{'s' if k in teacher.nested else ''} {len(todo)} unlabeled photos")
         p, ok_todo, columns = _predict_unlabeled(teacher, cfg, k, [photos[i] for i in todo])
         p = to_student_classes(np.nan_to_num(p, nan=1.0), columns, data.merge, str(teacher.path))
         probs[todo], ok[todo] = p, ok_todo
-        td.write_unlabeled(k, teacher.checksum, [str(x) for x in photos], sha, probs, ok)
+        td.write_unlabeled(k, checksum, [str(x) for x in photos], sha, probs, ok)
     newly = {str(photos[i]): "failed to decode" for i in np.where(~ok)[0] if str(photos[i]) not in teacher.skipped}
     if newly:
         teacher.skipped.update(newly)
@@ -364,17 +480,21 @@ def unlabeled_targets(teacher: Teacher, cfg: Config, rd: RunDir, k: int, data: R
 
 def _predict_unlabeled(teacher: Teacher, cfg: Config, k: int, photos: list[Path]
                        ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """The teacher's models that never saw student fold k's photos (its fold-k models; the full-data fit: every
-    cross-validated fold, never the teacher's own full-data fit, which its checksum does not cover) predict
-    ``photos``: probabilities (NaN rows for photos that failed to decode), ok flags, columns. The models are freed
-    afterwards (on a GPU their memory goes back before the student's first epoch)."""
+    """Models that never saw student fold k's photos predict ``photos``: with nested targets, every model of the
+    nested teacher ``<teacher>-outer<k>`` (whose temperatures, weights and calibration were fitted without fold k
+    too); with OOF targets, the teacher's fold-k models (their calibration was fitted on fold k: a scalar or two);
+    for the full-data fit, every cross-validated fold (never the teacher's own full-data fit, which its checksum
+    does not cover). Returns probabilities (NaN rows for photos that failed to decode), ok flags, columns. The
+    models are freed afterwards (on a GPU their memory goes back before the student's first epoch)."""
     from carclf.infer.predictor import Predictor
 
-    folds = {int(f) for f in np.unique(teacher.folds)} if k == FULL else {k}
-    if teacher.kind == RUN:
-        predictor = Predictor.from_run(teacher.path, device=cfg.train.device, folds=sorted(folds))
+    if k in teacher.nested:  # every model of the nested teacher: trained, calibrated and combined without fold k
+        predictor = Predictor.open(teacher.nested[k][0], device=cfg.train.device)
     else:
-        predictor = Predictor.from_ensemble(teacher.path, device=cfg.train.device).only_folds(folds)
+        folds = {int(f) for f in np.unique(teacher.folds)} if k == FULL else {k}
+        predictor = (Predictor.from_run(teacher.path, device=cfg.train.device, folds=sorted(folds))
+                     if teacher.kind == RUN else
+                     Predictor.from_ensemble(teacher.path, device=cfg.train.device).only_folds(folds))
     probs, bad = predictor.predict(photos, progress=True, fill_bad=False)
     ok = np.ones(len(photos), dtype=bool)
     ok[bad] = False
@@ -393,22 +513,30 @@ def fold_distill_targets(teacher: Teacher, cfg: Config, rd: RunDir, k: int, data
     honesty rule, checked again here), then the unlabeled photos (:func:`unlabeled_targets`); none for a fold the
     teacher has no model of (``distill.allow_partial``)."""
     rel = np.array(data.trainset.relpaths(), dtype=object)[tr_idx]
-    index = teacher.rows()
+    if cfg.distill.targets == "nested" and k != FULL and k not in teacher.nested:
+        raise CarclfError(f"{fold_name(k)} has no nested targets (it looked complete when this call started): run "
+                          "the same command again with --resume")
+    if k in teacher.nested:  # distill.targets=nested: the rows of the models that never saw fold k
+        saved = TeacherDir(rd.path).read_fold_targets(k)
+        t_paths, t_folds, t_probs, source = saved["paths"], saved["folds"], saved["probs"], saved["source"]
+    else:
+        t_paths, t_folds, t_probs, source = teacher.paths, teacher.folds, teacher.probs, str(teacher.path)
+    index = {p: i for i, p in enumerate(t_paths)}
     at = np.array([index.get(p, -1) for p in rel], dtype=np.int64)
     has = at >= 0
-    if k != FULL and (teacher.folds[at[has]] == k).any():
+    if k != FULL and (t_folds[at[has]] == k).any():
         raise CarclfError(f"{fold_name(k)}: a teacher row held out in fold {k} is a training target of fold {k}: "
                           "the student's folds differ from the teacher's; start a new run name")
-    probs = np.zeros((len(rel), teacher.probs.shape[1]), dtype=np.float64)
-    probs[has] = teacher.probs[at[has]]
+    probs = np.zeros((len(rel), t_probs.shape[1]), dtype=np.float64)
+    probs[has] = t_probs[at[has]]
     unlabeled, unl_probs = [], np.zeros((0, probs.shape[1]))
-    if teacher.unlabeled and (k == FULL or k in set(teacher.folds.tolist())):
+    if teacher.unlabeled and (k == FULL or k in teacher.nested or k in set(teacher.folds.tolist())):
         unlabeled, unl_probs = unlabeled_targets(teacher, cfg, rd, k, data, log)
     elif teacher.unlabeled:
         log(f"distill {fold_name(k)}: the teacher has no {fold_name(k)} model (distill.allow_partial): no unlabeled "
             "photos in this fold")
     d = cfg.distill
-    log(f"distill {fold_name(k)}: {int(has.sum())} photos learn from the teacher, {int((~has).sum())} from their "
+    log(f"distill {fold_name(k)}: {int(has.sum())} photos learn from '{source}', {int((~has).sum())} from their "
         f"label alone, {len(unlabeled)} unlabeled photos from the teacher alone")
     targets = DistillTargets.build(data.labels[tr_idx], probs, has, np.asarray(unl_probs, dtype=np.float64), d.alpha,
                                    d.temperature, d.unlabeled_weight == "confidence")
