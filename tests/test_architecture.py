@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "carclf"
 # Top to bottom. A module may import modules of its own layer's packages only within its own package (a step never
 # imports another step), and any module of a lower layer.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("entry points", {"cli", "__main__", "demo"}),
+    ("entry points", {"cli", "__main__", "demo", "nest"}),
     ("steps", {"train", "calibrate", "ensemble", "export", "serve", "analyze"}),
     ("predictor", {"infer"}),
     ("models, data, artifacts", {"models", "data", "artifacts", "tracking"}),

@@ -25,6 +25,13 @@ def _train(args: argparse.Namespace) -> None:
         print(f"run directory: {run_dir}")
 
 
+def _nest(args: argparse.Namespace) -> None:
+    from carclf.nest import nest
+
+    for path in nest(args.teacher, outer=args.outer, overwrite=args.overwrite):
+        print(f"nested teacher: {path}")
+
+
 def _prepare(args: argparse.Namespace) -> None:
     from carclf.artifacts.prepare import PrepareDir
     from carclf.config import load_config
@@ -117,6 +124,17 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--overwrite", action="store_true",
                    help="delete an earlier run of this name first (only a folder carclf made, holding only its files)")
     t.set_defaults(func=_train)
+
+
+def _add_nest(sub: argparse._SubParsersAction) -> None:
+    n = sub.add_parser("nest", help="a teacher's nested models (fold k left out, for each k): the honest targets of a "
+                       "distilled student (distill.targets=nested)")
+    n.add_argument("teacher", help="run directory or ensemble folder; writes <teacher>-outer<k> beside it")
+    n.add_argument("--outer", default="all", help="the folds to leave out, e.g. 0 or 0,2 (default: all)")
+    n.add_argument("--overwrite", action="store_true",
+                   help="train the nested runs (an ensemble: rebuild the nested ensembles) again from scratch; "
+                        "without it, they resume where they stopped")
+    n.set_defaults(func=_nest)
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
@@ -239,8 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="carclf", description="Fine-grained car-model recognition: train, calibrate, "
                                 "predict and evaluate on the competition's class-folder layout.")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_prepare, _add_calibrate, _add_predict, _add_export, _add_serve, _add_ensemble,
-                _add_evaluate, _add_report, _add_demo):  # one function a command, in --help's order
+    for add in (_add_train, _add_nest, _add_prepare, _add_calibrate, _add_predict, _add_export, _add_serve,
+                _add_ensemble, _add_evaluate, _add_report, _add_demo):  # one function a command, in --help's order
         add(sub)
     return p
 
@@ -253,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"carclf {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"carclf {args.command}: interrupted (a training run continues with --resume)", file=sys.stderr)
+        again = "run it again to continue" if args.command == "nest" else "a training run continues with --resume"
+        print(f"carclf {args.command}: interrupted ({again})", file=sys.stderr)
         return 130
     return 0
 

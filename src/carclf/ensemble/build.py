@@ -132,6 +132,7 @@ def build_ensemble(
               "chosen": c.chosen} for c in sel.candidates]
     doc = _document(members, al, prob, classes, chosen, final, out, table, figures, nested_doc, cv_text, cv_folds,
                     cv, seed, seconds)
+    doc["selection"]["calibrations"] = list(calibrations)  # the candidates; carclf nest rebuilds with the same
     ENSEMBLE_FOLDER.make_room(out, overwrite)  # checked above: only an earlier ensemble's own files
     doc["calibration"] = save_calibration(out, final.calibration)  # vector / matrix arrays: calibration.npz
     feats = members[0].features[al.index[0]] if members[0].features is not None else None
