@@ -15,11 +15,17 @@ Steps (each skipped when its output is complete, so a rerun continues where an i
   1. ``plain``     the student without a teacher: lite0 at S px (x 1.89 wide), no TTA, K folds x E epochs
   2. ``teacher``   lite0 at T px with hflip TTA, same folds and schedule; both calibrated
   3. ``ens``       ``carclf ensemble teacher plain``: the teacher ensemble
-  4. ``distill``   the student with ``distill.teacher=ens`` (``--student-folds``: fold 0 by default, to fit a session)
+  4. ``distill``   the student with ``distill.teacher=ens distill.targets=oof`` (``--student-folds``: fold 0 by
+                   default, to fit a session): targets from the teacher's own OOF rows (optimistic OOF figure)
   5. ``distill-u`` the same plus ``distill.unlabeled=POOL``
+  6. ``nest``      ``carclf nest ens --outer <student folds>``: each member's nested runs (``<run>-outer<k>``, fold
+                   k left out, K-1 models each) and the nested ensembles ``ens-outer<k>``
+  7. ``distill-nested``, ``distill-u-nested``: 4 and 5 with the honest nested targets (distill.targets=nested)
 Every model is scored on the out-of-fold rows of fold 0 (the students' validation photos: like for like) and, where
 it has them, on all folds; and on the pool, a fold-0 student by its fold-0 model alone.
-  6. a fold-0 one-model export of the distilled student, served under ``benchmarks/serve_load.py``
+  8. a fold-0 export: of ``distill-u`` through a one-member ensemble (``serve``; it chose hflip TTA, two views), and
+     of the ``distill-u-nested`` run itself at its one view (``serve-nested``), served under
+     ``benchmarks/serve_load.py``
 Training commands run under ``/usr/bin/time`` (wall seconds, peak RSS of the largest process).
 """
 
@@ -148,11 +154,14 @@ def main() -> None:
     student = [f"data.img_size={args.student_size}", "predict.tta=none"]
     distill = [f"distill.alpha={args.alpha}", f"distill.temperature={args.temperature}"]
     sf = f"train.folds={args.student_folds}"
+    taught = [*student, sf, f"distill.teacher={out / 'ens'}", *distill]
     steps = {
         "plain": [*student, "train.folds=all"],
         "teacher": [f"data.img_size={args.teacher_size}", "predict.tta=hflip", "train.folds=all"],
-        "distill": [*student, sf, f"distill.teacher={out / 'ens'}", *distill],
-        "distill-u": [*student, sf, f"distill.teacher={out / 'ens'}", *distill, f"distill.unlabeled={pool}"],
+        "distill": [*taught, "distill.targets=oof"],
+        "distill-u": [*taught, "distill.targets=oof", f"distill.unlabeled={pool}"],
+        "distill-nested": [*taught, "distill.targets=nested"],
+        "distill-u-nested": [*taught, "distill.targets=nested", f"distill.unlabeled={pool}"],
     }
     all_folds = list(range(args.folds))
     student_folds = all_folds if args.student_folds == "all" else [int(k) for k in args.student_folds.split(",")]
@@ -163,6 +172,10 @@ def main() -> None:
             run([*CARCLF, "ensemble", runs / "teacher", runs / "plain", "-o", out / "ens", "--overwrite"])
             results["ens"] = {**score_oof(out / "ens"), **score_pool(out / "ens", pool, out / "pool_labels.csv")}
             save()
+        if name.endswith("-nested") and "nest" not in results:
+            t = run([*CARCLF, "nest", out / "ens", "--outer", args.student_folds], out / "nest.time")
+            results["nest"] = {**t, **score_nested(out, student_folds)}
+            save()
         rd = runs / name
         folds = student_folds if name.startswith("distill") else all_folds
         if not trained(rd, folds):
@@ -172,7 +185,7 @@ def main() -> None:
             # a resumed run's wall time is not the run's; its peak memory still is a fold's
             results.setdefault(name, {}).update(t if not resume else {f"resumed_{k}": v for k, v in t.items()})
             run([*CARCLF, "calibrate", rd])
-        if "oof_log_loss" not in results.get(name, {}):
+        if "oof_fold0_log_loss" not in results.get(name, {}):
             if not (rd / "fold0" / "calibration.json").is_file():
                 run([*CARCLF, "calibrate", rd])
             results.setdefault(name, {}).update(score_oof(rd))
@@ -194,7 +207,35 @@ def main() -> None:
              "--requests", str(args.requests), "--concurrency", "16", "--out", load])
         results["serve"] = json.loads(load.read_text())
         save()
+    if "serve-nested" not in results:
+        exp = out / "exp-distill-u-nested-fold0"
+        if not (exp / "export.yaml").is_file():
+            run([*CARCLF, "export", runs / "distill-u-nested", "-o", exp, "--overwrite"])
+        load = out / "serve-nested.json"
+        run([sys.executable, ROOT / "benchmarks" / "serve_load.py", exp, "--photos-from", runs / "distill-u-nested",
+             "--requests", str(args.requests), "--concurrency", "16", "--out", load])
+        results["serve-nested"] = json.loads(load.read_text())
+        save()
     print(json.dumps(results, indent=1))
+
+
+def score_nested(out: Path, folds: list[int]) -> dict:
+    """Each nested ensemble ``ens-outer<k>`` on its rows (every fold but k), beside the full ensemble on the same
+    rows: what leaving a fold out costs the teacher (its models trained on (K-2)/K of the photos, not (K-1)/K)."""
+    from carclf.artifacts.oof import load_oof
+    from carclf.metrics import score
+
+    full = load_oof(out / "ens")
+    at = {p: i for i, p in enumerate(full.paths)}
+    res = {}
+    for k in folds:
+        nested = load_oof(out / f"ens-outer{k}")
+        rows = [at[p] for p in nested.paths]
+        a, b = score(nested.probs, nested.labels), score(full.probs[rows], full.labels[rows])
+        res[f"outer{k}"] = {"rows": len(rows), "nested_log_loss": round(a["log_loss"], 4),
+                            "nested_accuracy": round(a["accuracy"], 4), "ens_log_loss": round(b["log_loss"], 4),
+                            "ens_accuracy": round(b["accuracy"], 4)}
+    return res
 
 
 def _epoch_seconds(rd: Path, folds: list[int]) -> float:
