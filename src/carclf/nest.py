@@ -25,7 +25,6 @@ from carclf.artifacts.ensemble import ENSEMBLE_FILE, member_run, read_ensemble
 from carclf.artifacts.resolve import ENSEMBLE, RUN, kind_of, require
 from carclf.artifacts.run import RunDir
 from carclf.artifacts.teacher import nested_path
-from carclf.config import config_diff
 from carclf.data.splits import parse_folds
 from carclf.errors import CarclfError
 
@@ -75,7 +74,7 @@ def nest_run(path: Path, outer: str = "all", overwrite: bool = False, log: Calla
 def _check_existing(n: Path, teacher: Path, cfg_k, k: int, overwrite: bool) -> None:
     """A run already at ``n`` is resumed (or, ``overwrite``, trained again) only if it is fold k's nested run: an
     unrelated run of that name is never deleted, and one of an older recipe is named with the way out."""
-    from carclf.train.teacher import NESTED_KEYS
+    from carclf.train.teacher import nested_diffs
 
     rd = RunDir(n)
     if kind_of(n) != RUN or not rd.config_path.is_file():
@@ -85,7 +84,7 @@ def _check_existing(n: Path, teacher: Path, cfg_k, k: int, overwrite: bool) -> N
         raise CarclfError(f"'{n}' is a run that is not the nested run of '{teacher}' for fold {k} (its "
                           f"data.outer_fold is {there.data.outer_fold}): carclf nest neither resumes nor deletes it; "
                           "move it away, then run carclf nest again")
-    diffs = config_diff(there.to_dict(), cfg_k.to_dict(), NESTED_KEYS)
+    diffs = nested_diffs(cfg_k, there)
     if diffs and not overwrite:
         raise CarclfError(f"'{n}' was trained with other settings than '{teacher}' has now ({'; '.join(diffs[:3])}): "
                           f"train it again with carclf nest {shlex.quote(str(teacher))} --outer {k} --overwrite")

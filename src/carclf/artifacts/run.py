@@ -379,6 +379,13 @@ class RunDir:
                 w.writerow([p, reason])
             atomic_write_text(self.skipped_csv, buf.getvalue())
 
+    def read_folds(self) -> dict[str, int]:
+        """folds.csv: the fold of every photo the run was split over ({} for a run without one)."""
+        if not self.folds_csv.is_file():
+            return {}
+        with self.folds_csv.open(encoding="utf-8", newline="") as fh:
+            return {row["path"]: int(row["fold"]) for row in csv.DictReader(fh)}
+
     def copy_folds(self, source: Path) -> None:
         """Record the split (called with :meth:`run_lock` held)."""
         tmp = self.folds_csv.with_name(".folds.csv.copy.tmp")

@@ -8,10 +8,12 @@
                              photos with their SHA-1 (``unlabeled_paths``, ``unlabeled_sha1``): fixed at the start
       targets-fold<k>.npz    distill.targets=nested: student fold k's targets, the out-of-fold rows of the teacher's
                              nested models for fold k (trained with fold k left out, ``nested_path``), with that
-                             nested teacher's checksum and path: fixed when the fold is first started
-      unlabeled-fold<k>.npz  the unlabeled photos' teacher probabilities for student fold k, predicted by the
-                             teacher's fold-k models alone (``paths``, ``sha1``, ``probs``, ``ok``); -full for the
-                             full-data fit (every teacher fold). A cache: keyed by the teacher's checksum and each
+                             nested teacher's checksum and path: fixed once fold k has trained an epoch (before,
+                             a remade nested teacher replaces them)
+      unlabeled-fold<k>.npz  the unlabeled photos' teacher probabilities for student fold k, predicted by models
+                             that never saw fold k: the nested teacher's, or (OOF targets) the teacher's fold-k
+                             models (``paths``, ``sha1``, ``probs``, ``ok``); -full for the full-data fit (every
+                             teacher fold). A cache: keyed by the predicting teacher's checksum and each
                              photo's SHA-1, so a resumed fold or a changed folder predicts only what is new
       unlabeled-skipped.csv  unlabeled photos left out (unreadable, a copy of a labeled photo), with the reason
 
@@ -84,6 +86,15 @@ def photo_sha1(path: Path | str) -> str:
     return h.hexdigest()
 
 
+def _read_targets_file(f: Path, keys: tuple[str, ...]) -> Any:
+    """A targets file's arrays, refused when it is damaged or of a newer format than this carclf reads."""
+    z = read_npz(f, keys, "start the distilled run again under a new name")
+    if int(z["format"]) > TARGETS_FORMAT:
+        raise CarclfError(f"'{f}' has format {int(z['format'])}, newer than this carclf reads ({TARGETS_FORMAT}): "
+                          "upgrade carclf")
+    return z
+
+
 class TeacherDir:
     """The paths and readers/writers of a run's ``teacher/`` folder."""
 
@@ -113,11 +124,7 @@ class TeacherDir:
                      probs=np.asarray(probs, dtype=np.float32))
 
     def read_fold_targets(self, k: int) -> dict[str, Any]:
-        f = self.fold_targets(k)
-        z = read_npz(f, FOLD_TARGET_KEYS, "start the distilled run again under a new name")
-        if int(z["format"]) > TARGETS_FORMAT:
-            raise CarclfError(f"'{f}' has format {int(z['format'])}, newer than this carclf reads "
-                              f"({TARGETS_FORMAT}): upgrade carclf")
+        z = _read_targets_file(self.fold_targets(k), FOLD_TARGET_KEYS)
         return {"checksum": str(z["checksum"]), "source": str(z["source"]),
                 "classes": [str(c) for c in z["classes"]], "paths": z["paths"].astype(str), "folds": z["folds"],
                 "probs": z["probs"]}
@@ -132,10 +139,7 @@ class TeacherDir:
                      unlabeled_sha1=np.array(unlabeled_sha1, dtype=str))
 
     def read_targets(self) -> dict[str, Any]:
-        z = read_npz(self.targets, TARGET_KEYS, "start the distilled run again under a new name")
-        if int(z["format"]) > TARGETS_FORMAT:
-            raise CarclfError(f"'{self.targets}' has format {int(z['format'])}, newer than this carclf reads "
-                              f"({TARGETS_FORMAT}): upgrade carclf")
+        z = _read_targets_file(self.targets, TARGET_KEYS)
         return {"checksum": str(z["checksum"]), "classes": [str(c) for c in z["classes"]],
                 "paths": z["paths"].astype(str), "folds": z["folds"], "probs": z["probs"],
                 "unlabeled": [str(p) for p in z["unlabeled_paths"]],

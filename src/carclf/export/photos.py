@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import csv
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,10 +46,7 @@ def training_photos(run: RunDir, fold: int, limit: int, root: Path | None = None
     """Up to ``limit`` photos fold ``fold`` trained on (folds.csv rows of the other folds): int8 calibration
     photos that are not the photos it is then scored on."""
     root = Path(root or run.read_config().data.root)
-    if not run.folds_csv.is_file():
-        return []
-    with open(run.folds_csv, encoding="utf-8", newline="") as fh:
-        rel = [row["path"] for row in csv.DictReader(fh) if str(row.get("fold")) != str(fold)]
+    rel = [p for p, f in run.read_folds().items() if f != fold]
     pick = spread(len(rel), limit * 2)  # some may be gone; take the first ``limit`` that exist
     disk = DataDisk(root)
     out = [p for p in (resolve_photo(disk, rel[i]) for i in pick) if p is not None]

@@ -10,7 +10,6 @@ Honesty, the rules this module enforces:
 * an unlabeled photo's target for student fold k comes from models that never saw fold k's photos (the nested
   teacher's, or with OOF targets the teacher's fold-k models); unlabeled photos only ever join training, never
   validation or the out-of-fold rows, and a byte-for-byte copy of a labeled photo is left out;
-
 * ``distill.targets=nested`` (the default): student fold k's labeled targets are the out-of-fold rows of the
   teacher's nested models for fold k (``<teacher>-outer<k>``, trained with ``data.outer_fold=k``: no model behind
   them saw a photo of fold k, checked from their configs), so no target a student fold learns from was produced by a
@@ -21,7 +20,6 @@ Honesty, the rules this module enforces:
 
 from __future__ import annotations
 
-import csv
 import os
 import shlex
 from collections.abc import Callable
@@ -140,11 +138,10 @@ def _check_folds(oof_paths: np.ndarray, oof_folds: np.ndarray, data: RunData, wh
 def _split_of(t_rd: RunDir, paths: np.ndarray, folds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A teacher run's fold of every photo it was split over (its ``folds.csv``: also the photos of folds it has no
     rows of yet), else of its OOF rows."""
-    if not t_rd.folds_csv.is_file():
+    split = t_rd.read_folds()
+    if not split:
         return paths, folds
-    with t_rd.folds_csv.open(encoding="utf-8", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    return np.array([r["path"] for r in rows], dtype=object), np.array([int(r["fold"]) for r in rows])
+    return np.array(list(split), dtype=object), np.array(list(split.values()))
 
 
 def _incomplete(oof_folds: np.ndarray, data: RunData, cfg: Config, source: str, outer: int = -1) -> list[int]:
@@ -197,6 +194,12 @@ NESTED_KEYS = {("name",), ("out_dir",), ("data", "outer_fold"), ("train", "folds
                ("train", "threads"), ("predict", "batch_size")}
 
 
+def nested_diffs(teacher: Config, nested: Config) -> list[str]:
+    """The settings a nested run has otherwise than its teacher, beyond what ``carclf nest`` sets (NESTED_KEYS), as
+    ``key: teacher's -> nested run's`` lines."""
+    return config_diff(teacher.to_dict(), nested.to_dict(), NESTED_KEYS)
+
+
 def _nested_teacher(path: Path, kind: str, k: int, cfg: Config) -> Path:
     """The teacher's nested models for student fold k (``<teacher>-outer<k>``), checked: the same kind, every run
     behind it trained with ``data.outer_fold=k`` (so no model behind the fold's targets saw a photo of fold k), and
@@ -216,14 +219,13 @@ def _nested_teacher(path: Path, kind: str, k: int, cfg: Config) -> Path:
     if got != kind:
         raise CarclfError(f"'{n}' is {f'an {got}' if got else 'not a carclf run or ensemble'}, not the nested {kind} "
                           f"of distill.teacher '{path}': move it away and run `{remake}`")
-    for _, n_rd in _teacher_runs(n, kind):
-        outer = n_rd.read_config().data.outer_fold
-        if outer != k:
-            raise CarclfError(f"'{n_rd.path}' was trained with data.outer_fold={outer}, not {k}: it is not a nested "
-                              f"run for fold {k}; move it away and run `{remake}`")
+    configs = [(n_rd, n_rd.read_config()) for _, n_rd in _teacher_runs(n, kind)]
+    for n_rd, n_cfg in configs:
+        if n_cfg.data.outer_fold != k:
+            raise CarclfError(f"'{n_rd.path}' was trained with data.outer_fold={n_cfg.data.outer_fold}, not {k}: it "
+                              f"is not a nested run for fold {k}; move it away and run `{remake}`")
     if kind == RUN:
-        diffs = config_diff(RunDir.open(path).read_config().to_dict(), RunDir.open(n).read_config().to_dict(),
-                            NESTED_KEYS)
+        diffs = nested_diffs(RunDir.open(path).read_config(), configs[0][1])
         if diffs:
             raise CarclfError(f"'{n}' was trained with other settings than distill.teacher '{path}' ("
                               f"{'; '.join(diffs[:3])}): remake it with `{remake} --overwrite`")
@@ -457,9 +459,9 @@ def unlabeled_targets(teacher: Teacher, cfg: Config, rd: RunDir, k: int, data: R
         if s in known:
             probs[i], ok[i] = cached["probs"][known[s]], cached["ok"][known[s]]
     if todo:
-        who = f"the nested teacher '{teacher.nested[k][0]}'" if k in teacher.nested else \
-            f"the teacher's {fold_name(k)} models"
-        log(f"distill: {who} predict{'s' if k in teacher.nested else ''} {len(todo)} unlabeled photos")
+        who = (f"the nested teacher '{teacher.nested[k][0]}' predicts" if k in teacher.nested
+               else f"the teacher's {fold_name(k)} models predict")
+        log(f"distill: {who} {len(todo)} unlabeled photos")
         p, ok_todo, columns = _predict_unlabeled(teacher, cfg, k, [photos[i] for i in todo])
         p = to_student_classes(np.nan_to_num(p, nan=1.0), columns, data.merge, str(teacher.path))
         probs[todo], ok[todo] = p, ok_todo
