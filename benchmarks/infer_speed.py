@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from carclf.artifacts.run import RunDir
-from carclf.export.exporter import EngineModule, _batches, export_graph
+from carclf.export.graphs import EngineModule, export_graph
+from carclf.export.photos import photo_batches as _batches
 from carclf.export.photos import training_photos
 from carclf.export.quantize import quantize_engine
 from carclf.infer.onnx_engine import OnnxFold, physical_cores

@@ -1,7 +1,7 @@
 """Benchmark: ``carclf serve`` under load from a separate process on loopback.
 
     flock /tmp/carclf-bench.lock python benchmarks/serve_load.py EXPORT_OR_RUN [--requests 2000] [--concurrency 16]
-        [--int8] [--max-batch 8] [--max-wait-ms 5]
+        [--precision fp32|bf16|int8] [--max-batch 8] [--max-wait-ms 5]
 
 Starts ``carclf serve`` on a free 127.0.0.1 port in its own process, waits for /readyz, then sends ``--requests``
 POST /v1/predict requests (one real cars196 photo each, drawn from fold 0's out-of-fold photos) from
@@ -103,7 +103,8 @@ def main() -> None:
     ap.add_argument("--photos-from", default=str(DEFAULT_RUN), help="run whose fold-0 OOF photos are sent")
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--int8", action="store_true")
+    ap.add_argument("--precision", choices=["fp32", "bf16", "int8"],
+                    help="serve the export at this precision (default: the one it chose)")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "serve_load.json"))
@@ -115,7 +116,8 @@ def main() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "carclf", "serve", args.source, "--port", str(port), "--max-batch",
-           str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)] + (["--int8"] if args.int8 else [])
+           str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
+    cmd += ["--precision", args.precision] if args.precision else []
     log = Path(args.out).with_suffix(".server.log")
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as fh:

@@ -144,12 +144,12 @@ def _read_csv(path: Path) -> tuple[list[str], list[str], np.ndarray]:
 
 
 def _reuse_traced_graph(monkeypatch, exported: Path) -> None:
-    """Export without tracing again (10-20 s on 2 cores): the module's fold0 graph is copied and every engine gets
-    its own weights (retarget_graph), as a multi-fold export does; the parity check still compares each engine."""
+    """Export without tracing again (10-20 s on 2 cores): the module's graph of the same engine is copied (the same
+    run's fold, so the same weights); the parity check still compares each engine."""
     from carclf.export import exporter
 
     def copied(module, h, w, path):
-        shutil.copy(exported / "fold0.onnx", path)
+        shutil.copy(exported / path.name, path)
         return 20
 
     monkeypatch.setattr(exporter, "export_graph", copied)
@@ -319,13 +319,16 @@ def test_ensemble_export_gives_the_torch_ensembles_probabilities(ensemble_dir, s
 
 
 def test_folds_with_a_frozen_stem_reuse_one_trace(synth_data, tmp_path):
-    """A frozen stem's BatchNorm is folded into constants by the exporter; the frozen layers are the same in every
-    fold, so the second fold still reuses the first fold's trace (with its own weights), and parity holds."""
+    """With views of two sizes the network is called twice in the graph, so its weights stay initialisers named
+    after their parameters; a frozen stem's BatchNorm is still folded into constants by the exporter, but the frozen
+    layers are the same in every fold, so the second fold reuses the first fold's trace (with its own weights), and
+    parity holds."""
     from carclf.config import load_config
     from carclf.export.exporter import export_model
     from carclf.train.loop import train
 
-    run = train(load_config(None, tiny_overrides(synth_data, tmp_path, **{"train.folds": "all", "model.freeze": 2})),
+    run = train(load_config(None, tiny_overrides(synth_data, tmp_path, **{"train.folds": "all", "model.freeze": 2,
+                                                                   "predict.tta": "orig,zoom1.15"})),
                 log=lambda s: None)
     lines: list[str] = []
     export_model(run, tmp_path / "export", log=lines.append)

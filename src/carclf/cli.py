@@ -71,7 +71,9 @@ def _export(args: argparse.Namespace) -> None:
     from carclf.export.exporter import export_model
 
     path = export_model(args.source, args.output, int8=args.int8, overwrite=args.overwrite,
-                        parity_photos=args.parity_photos, eval_photos=args.eval_photos)
+                        parity_photos=args.parity_photos, eval_photos=args.eval_photos,
+                        precision_request=args.precision, max_loss_increase=args.max_loss_increase,
+                        speed_batch=args.speed_batch)
     print(f"wrote {path.parent} ({path.name} describes it; serve it with carclf serve {path.parent})")
 
 
@@ -83,7 +85,8 @@ def _serve(args: argparse.Namespace) -> None:
                              max_file_bytes=int(args.max_file_mb * MiB), max_pixels=args.max_pixels,
                              body_timeout_s=args.body_timeout, max_upload_bytes=int(args.max_upload_mb * MiB))
     serve(args.source, host=args.host, port=args.port, workers=args.workers, api_key_env=args.api_key_env,
-          int8=args.int8, threads=args.threads, settings=settings, shutdown_timeout=args.shutdown_timeout,
+          precision="int8" if args.int8 else args.precision, threads=args.threads, settings=settings,
+          shutdown_timeout=args.shutdown_timeout,
           keep_alive_timeout=args.keep_alive_timeout)
 
 
@@ -172,15 +175,22 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    ex = sub.add_parser("export", help="ONNX graphs of every fold engine (TTA inside), parity-checked, optional int8")
+    ex = sub.add_parser("export", help="ONNX graphs of every fold engine (TTA inside), parity-checked; bf16 / int8 "
+                                           "engines chosen by speed on this CPU")
     ex.add_argument("source", help="run directory or ensemble folder")
     ex.add_argument("-o", "--output", required=True, help="export folder (export.yaml + one .onnx per engine)")
+    ex.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "int8"],
+                    help="auto: also make bf16 (where the CPU has AVX512-BF16/AMX) and int8 engines, time each here "
+                    "and choose the fastest within --max-loss-increase; bf16 / int8: make and choose that one")
+    ex.add_argument("--max-loss-increase", type=float, default=0.01, metavar="X",
+                    help="auto keeps a lower precision only if its OOF log loss rises by at most X (default 0.01)")
+    ex.add_argument("--speed-batch", type=int, default=32, help="photos per batch when timing the precisions")
     ex.add_argument("--int8", nargs="?", const="static", choices=["static", "dynamic"],
-                    help="also write int8 graphs (static: calibrated on training photos; the default) and print their "
-                    "change in OOF log loss and accuracy")
+                    help="int8 quantisation (static: calibrated on training photos; the default); alone: also write "
+                    "int8 graphs beside the fp32 ones and print their change in OOF log loss and accuracy")
     ex.add_argument("--overwrite", action="store_true", help="replace an earlier export in -o (only what it wrote)")
     ex.add_argument("--parity-photos", type=int, default=8, help="OOF photos for the PyTorch/ONNX parity check")
-    ex.add_argument("--eval-photos", type=int, default=256, help="OOF photos per fold scoring the int8 graphs")
+    ex.add_argument("--eval-photos", type=int, default=256, help="OOF photos per fold scoring the bf16 / int8 engines")
     ex.set_defaults(func=_export)
 
 
@@ -191,7 +201,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--workers", type=int, default=1, help="processes (each loads the model; cores shared out)")
     sv.add_argument("--api-key-env", metavar="VAR", help="require header X-API-Key equal to environment variable VAR")
-    sv.add_argument("--int8", action="store_true", help="serve the export's int8 graphs")
+    sv.add_argument("--precision", choices=["fp32", "bf16", "int8"],
+                    help="run the export at this precision (default: the one it chose when exported; fp32 where this "
+                    "CPU lacks its instructions)")
+    sv.add_argument("--int8", action="store_true", help="the same as --precision int8")
     sv.add_argument("--threads", type=int, help="inference threads per worker (default: physical cores / workers)")
     sv.add_argument("--max-batch", type=int, default=8,
                     help="photos per micro-batch (8 suits CPUs, where larger batches add latency, not speed; raise it "

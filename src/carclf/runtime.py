@@ -139,6 +139,56 @@ def versions() -> dict[str, str | bool | None]:
     return out
 
 
+def physical_cores() -> int:
+    """Physical cores this process may run on (SMT siblings share one core's vector units, so ONNX Runtime gains
+    nothing from a thread per sibling)."""
+    try:
+        allowed = os.sched_getaffinity(0)
+    except AttributeError:  # macOS, Windows
+        return max(1, (os.cpu_count() or 2) // 2)
+    from pathlib import Path
+
+    cores = set()
+    for cpu in allowed:
+        try:
+            cores.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
+
+
+# The instructions inference speed depends on (Linux /proc/cpuinfo flag names): the export's choice of precision and
+# the service's check that the CPU it lands on still has them (carclf.infer.precision).
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
+             "amx_int8", "avx512_fp16")
+CPU_FLAGS_ENV = "CARCLF_CPU_FLAGS"  # "avx2,fma": pretend the CPU has only these (tests; planning for another host)
+
+
+def cpu_info() -> dict[str, object]:
+    """This machine's CPU: ``model`` (the model name), ``machine`` (x86_64, aarch64, ...) and ``flags`` (those of
+    :data:`CPU_FLAGS` it has, sorted). Read from /proc/cpuinfo on Linux; elsewhere the flags are unknown (empty),
+    which every precision check treats as "no bf16 or VNNI instructions". ``CARCLF_CPU_FLAGS`` overrides the flags
+    (the machine still reports its own model)."""
+    import platform
+    from pathlib import Path
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and model in ("", platform.machine(), platform.processor()):
+                model = value.strip()
+            elif key in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass  # macOS, Windows: unknown flags
+    override = os.environ.get(CPU_FLAGS_ENV)
+    if override is not None:
+        flags = {f.strip() for f in override.split(",") if f.strip()}
+    return {"model": model, "machine": platform.machine(), "flags": sorted(flags & set(CPU_FLAGS))}
+
+
 # ---------------------------------------------------------------------------------------------------- distributed
 def init_distributed(device: torch.device) -> DistInfo:
     """Join the ``torchrun`` process group (NCCL on GPUs, gloo on CPUs) when launched by it; a no-op otherwise."""

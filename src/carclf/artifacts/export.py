@@ -36,7 +36,7 @@ TOP = {
     "format": (int, True), "created": (str, False), "source": (dict, False), "classes": (list, True),
     "output_classes": (list, False), "merge": (dict, True), "engines": (list, True), "averaging": (str, False),
     "versions": (dict, False), "config": (dict, True), "predictor": (dict, False), "parity": (dict, False),
-    "int8": (dict, False), SPEC_KEY: (str, False),
+    "int8": (dict, False), "bf16": (dict, False), "precision": (dict, False), SPEC_KEY: (str, False),
 }
 ENGINE = {
     "name": (str, True), "fold": (int, True), "eval_size": (int, True), "temperature": (_NUMBER, True),
@@ -44,7 +44,8 @@ ENGINE = {
     "opset": (int, False), "files": (dict, True), "member": (str, False),
 }
 GRAPH = {"file": (str, True), "sha256": (str, True), "bytes": (int, False), "mode": (str, False),
-         "calibration": (str, False)}
+         "calibration": (str, False), "format": (str, False), "needs": (str, False), "runtime": (str, False)}
+ENGINE_PRECISIONS = ("fp32", "bf16", "int8")  # the files an engine entry may list (carclf.infer.precision)
 MERGE = {"original": (list, True), "classes": (list, True), "label_map": (list, True), "share": (list, True),
          "dropped_prob": (_NUMBER, False), "dropped": (list, False)}
 PREDICTOR = {"postprocess": (dict, True), "engine_members": (list, True), "engine_names": (list, False)}
@@ -129,6 +130,13 @@ def validate_export(doc: Any, path: Path, export_dir: Path | str, fmt: int) -> N
         _engine(c, e, f"engines[{i}]")
     if "predictor" in doc:
         _predictor(c, doc["predictor"], len(engines))
+    if "precision" in doc:
+        chosen = doc["precision"].get("chosen")
+        if chosen not in ENGINE_PRECISIONS:
+            raise c.fail(f"'precision.chosen' = {chosen!r} is not one of {', '.join(ENGINE_PRECISIONS)}")
+        lacking = [e["name"] for e in engines if chosen not in e["files"]]
+        if lacking:
+            raise c.fail(f"'precision.chosen' is {chosen}, but engine(s) {', '.join(lacking)} have no {chosen} file")
     if SPEC_KEY in doc and spec_checksum(doc) != doc[SPEC_KEY]:
         raise CarclfError(
             f"'{path}' was edited after export: its content (temperatures, classes, engines, post-processing) no "
@@ -186,8 +194,8 @@ def _engine(c: _Checker, e: Any, where: str) -> None:
     if "fp32" not in files:
         raise c.fail(f"'{where}.files.fp32' is missing")
     for precision, f in files.items():
-        if precision not in ("fp32", "int8"):
-            raise c.fail(f"unknown key '{where}.files.{precision}' (known: fp32, int8)")
+        if precision not in ENGINE_PRECISIONS:
+            raise c.fail(f"unknown key '{where}.files.{precision}' (known: {', '.join(ENGINE_PRECISIONS)})")
         c.keys(f, GRAPH, f"{where}.files.{precision}")
         c.inside(f["file"], f"{where}.files.{precision}.file")
 

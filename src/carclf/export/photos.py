@@ -1,11 +1,13 @@
-"""Photos for the export's checks: a run's out-of-fold photos (parity, int8 evaluation), each fold's training photos
-(int8 calibration), and synthetic photos when the run's data is gone."""
+"""Photos for the export's checks: a run's out-of-fold photos (parity, the lower precisions' evaluation), each fold's
+training photos (int8 calibration), synthetic photos when the run's data is gone, and their decoded batches."""
 
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -69,3 +71,15 @@ def synthetic_photos(n: int, size: tuple[int, int] = (320, 240), seed: int = 0) 
         Image.fromarray(arr).save(buf, format="PNG")
         out.append(buf.getvalue())
     return out
+
+
+def photo_batches(sources: list, dcfg: dict[str, Any], cfg, batch_size: int
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(uint8 NCHW batch, ok mask) over ``sources``, decoded and transformed as the Predictor does."""
+    from carclf.data.dataset import ImageDataset, eval_batches
+    from carclf.data.transforms import eval_transform
+
+    ds = ImageDataset(sources, None, eval_transform(dcfg), int(dcfg["input_size"][1]), cfg.data.draft_factor,
+                      max_pixels=cfg.data.max_pixels)
+    for x, _, _, ok in eval_batches(ds, batch_size):
+        yield x.numpy(), ok.numpy().astype(bool)

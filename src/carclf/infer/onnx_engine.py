@@ -10,7 +10,6 @@ code, so PyTorch and ONNX Runtime give the same probabilities (to the parity fig
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,26 +17,11 @@ import numpy as np
 
 from carclf.artifacts.export import EXPORT_FILE, engine_classes, read_export
 from carclf.errors import CarclfError
+from carclf.infer.precision import PRECISIONS, check_precision
 from carclf.io import file_sha256
+from carclf.runtime import physical_cores
 
 PARITY_TOLERANCE = 1e-4  # max |p_onnx - p_torch| of calibrated probabilities an fp32 export must stay below
-PRECISIONS = ("fp32", "int8")
-
-
-def physical_cores() -> int:
-    """Physical cores this process may run on (SMT siblings share one core's vector units, so ONNX Runtime gains
-    nothing from a thread per sibling)."""
-    try:
-        allowed = os.sched_getaffinity(0)
-    except AttributeError:  # macOS, Windows
-        return max(1, (os.cpu_count() or 2) // 2)
-    cores = set()
-    for cpu in allowed:
-        try:
-            cores.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip())
-        except OSError:
-            cores.add(str(cpu))
-    return max(1, len(cores))
 
 
 def session_options(threads: int | None = None):
@@ -121,13 +105,12 @@ def dcfg_to_yaml(dcfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def engine_file(export_dir: Path, entry: dict[str, Any], precision: str, verify: bool = True) -> Path:
-    """The graph of one engine entry at ``precision``, its checksum verified."""
-    if precision not in PRECISIONS:
-        raise CarclfError(f"unknown precision {precision!r}: use fp32 or int8")
+    """The ONNX graph of one engine entry at ``precision`` (bf16 names the fp32 graph), its checksum verified."""
+    check_precision(precision)
     files = entry.get("files", {})
     if precision not in files:
-        raise CarclfError(f"'{export_dir}' has no {precision} graph for engine {entry.get('name')}: "
-                          f"{'export with --int8' if precision == 'int8' else 'export it again'}")
+        how = "export it again" if precision == "fp32" else f"export it with --precision {precision}"
+        raise CarclfError(f"'{export_dir}' has no {precision} file for engine {entry.get('name')}: {how}")
     f = files[precision]
     path = export_dir / f["file"]
     if not path.is_file():
@@ -138,12 +121,29 @@ def engine_file(export_dir: Path, entry: dict[str, Any], precision: str, verify:
     return path
 
 
+def load_engine(export_dir: Path, entry: dict[str, Any], precision: str = "fp32", threads: int | None = None,
+                n_classes: int | None = None, verify: bool = True):
+    """One engine entry at ``precision``, on the runtime its file names: ONNX Runtime (fp32 and int8 graphs; the
+    default) or OpenVINO (bf16: the fp32 graph compiled at bf16)."""
+    path = engine_file(export_dir, entry, precision, verify)
+    dcfg = dcfg_from_yaml(entry["data_config"])
+    runtime = entry["files"][precision].get("runtime", "onnxruntime")
+    if runtime == "openvino":
+        from carclf.infer.openvino_engine import OpenVinoFold
+
+        return OpenVinoFold(path, dcfg, entry["views"], threads, precision, n_classes)
+    if runtime != "onnxruntime":
+        raise CarclfError(f"'{export_dir}': engine {entry.get('name')} runs on '{runtime}', which this carclf does "
+                          "not know: upgrade carclf")
+    return OnnxFold(path, dcfg, entry["views"], threads, precision, n_classes)
+
+
 def load_engines(export_dir: Path | str, doc: dict[str, Any] | None = None, precision: str = "fp32",
-                 threads: int | None = None) -> list[OnnxFold]:
+                 threads: int | None = None) -> list:
     export_dir = Path(export_dir)
     doc = doc or read_export(export_dir)
-    return [OnnxFold(engine_file(export_dir, e, precision), dcfg_from_yaml(e["data_config"]), e["views"], threads,
-                     precision, n) for e, n in zip(doc["engines"], engine_classes(doc), strict=True)]
+    return [load_engine(export_dir, e, precision, threads, n)
+            for e, n in zip(doc["engines"], engine_classes(doc), strict=True)]
 
 
 def swap_engines(predictor, export_dir: Path | str, precision: str = "fp32", threads: int | None = None):
@@ -166,6 +166,7 @@ def swap_engines(predictor, export_dir: Path | str, precision: str = "fp32", thr
 
 
 __all__ = [
-    "OnnxFold", "PARITY_TOLERANCE", "PRECISIONS", "dcfg_from_yaml", "dcfg_to_yaml", "engine_file", "load_engines",
+    "OnnxFold", "PARITY_TOLERANCE", "PRECISIONS", "dcfg_from_yaml", "dcfg_to_yaml", "engine_file", "load_engine",
+    "load_engines",
     "physical_cores", "session_options", "swap_engines",
 ]

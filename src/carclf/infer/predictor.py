@@ -141,7 +141,7 @@ class Predictor:
     kind: str = RUN  # what was opened: run, ensemble or export
     source: Path | None = None  # the folder opened
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    precision: str = "fp32"  # the graphs of an export (fp32 or int8)
+    precision: str = "fp32"  # what the engines run at (an export: fp32, bf16 or int8; carclf.infer.precision)
     runs: list[RunDir | None] = field(default_factory=list)  # per engine, the run that trained it (None: unknown)
     incomplete: list[int] = field(default_factory=list)  # a run's unfinished folds (not predicting)
 
@@ -156,8 +156,8 @@ class Predictor:
 
     # ----------------------------------------------------------------------------------------------- building
     @classmethod
-    def open(cls, path: Path | str, device: str = "auto", folds: list[int] | None = None, precision: str = "fp32",
-             threads: int | None = None) -> Predictor:
+    def open(cls, path: Path | str, device: str = "auto", folds: list[int] | None = None,
+             precision: str | None = None, threads: int | None = None) -> Predictor:
         """The Predictor of a run directory, an ensemble folder or an export folder, whichever ``path`` is."""
         kind = kind_of(path)
         if folds is not None and kind in (ENSEMBLE, EXPORT):
@@ -231,16 +231,22 @@ class Predictor:
                    runs=[runs[mi] for mi in engine_members])
 
     @classmethod
-    def from_export(cls, path: Path | str, precision: str = "fp32", threads: int | None = None) -> Predictor:
+    def from_export(cls, path: Path | str, precision: str | None = None, threads: int | None = None,
+                    log: Callable[[str], None] = print) -> Predictor:
         """An export folder alone (no run directory, no checkpoint): its preprocessing, classes, temperatures and
-        post-processing from export.yaml, ONNX Runtime sessions (``threads`` intra-op threads) as its engines."""
+        post-processing from export.yaml, its engines (``threads`` threads) at ``precision``: None is the precision
+        the export chose on its machine; one this CPU lacks the instructions for falls back to fp32, said through
+        ``log`` (:func:`carclf.infer.precision.resolve_precision`)."""
         from carclf.artifacts.ensemble import load_calibration
         from carclf.artifacts.export import EXPORT_FILE, export_yaml, read_export
         from carclf.config import config_from_dict
         from carclf.infer.onnx_engine import load_engines
+        from carclf.infer.precision import resolve_precision
+        from carclf.runtime import cpu_info
 
         export_dir = Path(path)
         doc = read_export(export_dir)
+        precision = resolve_precision(doc, precision, cpu_info(), log, f"'{export_dir}'")
         parity = doc.get("parity") or {}
         if parity.get("passed") is False:
             raise CarclfError(f"'{export_dir}' failed its parity check at export (max |dp| = "
@@ -477,7 +483,7 @@ def _member_engines(path: Path, m: dict[str, Any], rd: RunDir, device: torch.dev
 ExportRun = Callable[..., Predictor]  # (run or ensemble path, threads=, log=) -> its Predictor on ONNX Runtime
 
 
-def open_predictor(source: Path | str, engine: str = "torch", device: str = "auto", precision: str = "fp32",
+def open_predictor(source: Path | str, engine: str = "torch", device: str = "auto", precision: str | None = None,
                    threads: int | None = None, export_run: ExportRun | None = None,
                    log: Callable[[str], None] = print) -> Predictor:
     """The Predictor for ``source`` on ``engine``: an export folder runs on ONNX Runtime; a run or an ensemble on
@@ -489,11 +495,12 @@ def open_predictor(source: Path | str, engine: str = "torch", device: str = "aut
         if engine == "torch":
             raise CarclfError(f"'{source}' is an ONNX export: it runs on ONNX Runtime (--engine onnx), or give the "
                               "run directory for PyTorch")
-        return Predictor.from_export(source, precision, threads)
+        return Predictor.from_export(source, precision, threads, log)
+    if precision not in (None, "fp32"):
+        raise CarclfError(f"{precision} runs from an export: carclf export {source} -o DIR --precision {precision}, "
+                          "then use DIR")
     if engine == "torch":
         return Predictor.open(source, device=device)
-    if precision != "fp32":
-        raise CarclfError(f"{precision} needs an export made with --int8: run carclf export first")
     if export_run is None:
         raise CarclfError(f"'{source}' is not an export: ONNX Runtime runs the folder carclf export writes (carclf "
                           f"export {source} -o DIR, then use DIR), or pass export_run="

@@ -28,15 +28,18 @@ def api_key_from_env(var: str | None) -> str | None:
     return key
 
 
-def load_predictor(source: str | Path, int8: bool = False, threads: int | None = None, device: str = "cpu"):
-    """An export directory -> ONNX Runtime engines (int8 ones with ``int8``); a run -> PyTorch engines."""
+def load_predictor(source: str | Path, precision: str | None = None, threads: int | None = None,
+                   device: str = "cpu"):
+    """An export directory -> its engines at ``precision`` (None: the one it chose; fp32 where this CPU lacks the
+    instructions, said in a line); a run -> PyTorch engines."""
     from carclf.artifacts.resolve import EXPORT, kind_of
     from carclf.infer.predictor import open_predictor
 
     if kind_of(source) == EXPORT:
-        return open_predictor(source, engine="onnx", precision="int8" if int8 else "fp32", threads=threads)
-    if int8:
-        raise CarclfError(f"--int8 needs an export: carclf export {source} -o DIR --int8, then serve DIR")
+        return open_predictor(source, engine="onnx", precision=precision, threads=threads)
+    if precision not in (None, "fp32"):
+        raise CarclfError(f"--precision {precision} needs an export: carclf export {source} -o DIR --precision "
+                          f"{precision}, then serve DIR")
     if threads:
         import torch
 
@@ -47,7 +50,7 @@ def load_predictor(source: str | Path, int8: bool = False, threads: int | None =
 def build_app(options: dict[str, Any]):
     """The app from the serve options (the same in the parent and in every uvicorn worker)."""
     settings = ServeSettings(**options["settings"], api_key=api_key_from_env(options.get("api_key_env")))
-    predictor = load_predictor(options["source"], options.get("int8", False), options.get("threads"),
+    predictor = load_predictor(options["source"], options.get("precision"), options.get("threads"),
                                options.get("device", "cpu"))
     return create_app(predictor, settings)
 
@@ -58,7 +61,7 @@ def app_from_env():
 
 
 def serve(source: str | Path, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
-          api_key_env: str | None = None, int8: bool = False, threads: int | None = None, device: str = "cpu",
+          api_key_env: str | None = None, precision: str | None = None, threads: int | None = None, device: str = "cpu",
           settings: ServeSettings | None = None, log_level: str = "info", shutdown_timeout: float = 20.0,
           keep_alive_timeout: float = 5.0) -> None:
     """Run the service under uvicorn. On SIGTERM it stops accepting, lets requests in flight finish for at most
@@ -76,7 +79,7 @@ def serve(source: str | Path, host: str = "127.0.0.1", port: int = 8000, workers
     # Each worker process runs its own engines: share the cores out instead of oversubscribing them.
     threads = threads or max(1, physical_cores() // workers)
     settings = settings or ServeSettings()
-    options = {"source": str(Path(source).resolve()), "int8": int8, "threads": threads, "device": device,
+    options = {"source": str(Path(source).resolve()), "precision": precision, "threads": threads, "device": device,
                "api_key_env": api_key_env, "settings": {k: v for k, v in asdict(settings).items() if k != "api_key"}}
     api_key_from_env(api_key_env)  # fail before forking workers
     if workers == 1:
