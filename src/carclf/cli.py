@@ -74,7 +74,9 @@ def _export(args: argparse.Namespace) -> None:
                         parity_photos=args.parity_photos, eval_photos=args.eval_photos,
                         precision_request=args.precision, max_loss_increase=args.max_loss_increase,
                         speed_batch=args.speed_batch)
-    print(f"wrote {path.parent} ({path.name} describes it; serve it with carclf serve {path.parent})")
+    import shlex
+
+    print(f"wrote {path.parent} ({path.name} describes it; serve it with carclf serve {shlex.quote(str(path.parent))})")
 
 
 def _serve(args: argparse.Namespace) -> None:

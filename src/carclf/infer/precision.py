@@ -72,8 +72,8 @@ def resolve_precision(doc: dict[str, Any], requested: str | None, cpu: dict[str,
     if gap is None:
         return precision
     made_on = ((doc.get("precision") or {}).get("cpu") or {}).get("model", "another CPU")
-    log(f"warning: {source}'s {precision} engines need {gap}, which this CPU ({cpu.get('model', '?')}) does not "
-        f"have (they were chosen on {made_on}): running fp32 instead")
+    log(f"warning: the {precision} engines of {source} need {gap}, which this CPU ({cpu.get('model', '?')}) does "
+        f"not have (they were chosen on {made_on}): running fp32 instead")
     return "fp32"
 
 
