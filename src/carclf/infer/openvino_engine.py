@@ -11,6 +11,7 @@ where the CPU has bf16 instructions (elsewhere it would run fp32, which is why a
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,15 @@ OV_PRECISION = {"bf16": "bf16", "fp32": "f32"}
 CHUNK = 8
 
 
+@functools.cache
+def _core():
+    """One OpenVINO Core per process, as OpenVINO advises (each Core loads its plugins and thread pools): every
+    engine of an export and every export in one process share it."""
+    import openvino as ov
+
+    return ov.Core()
+
+
 class OpenVinoFold:
     """One exported fold engine compiled by OpenVINO, an :class:`~carclf.infer.predictor.Engine`: :meth:`logits`
     of a uint8 NCHW batch -> float64 (batch, classes), averaged over ``views`` inside the graph."""
@@ -33,7 +43,7 @@ class OpenVinoFold:
     def __init__(self, path: Path | str, dcfg: dict[str, Any], views: list[str], threads: int | None = None,
                  precision: str = "bf16", n_classes: int | None = None) -> None:
         try:
-            import openvino as ov
+            import openvino  # noqa: F401
         except ImportError as exc:
             raise CarclfError("the bf16 engines run on OpenVINO, which is not installed: pip install openvino, or "
                               "serve --precision fp32") from exc
@@ -44,7 +54,7 @@ class OpenVinoFold:
                   "INFERENCE_NUM_THREADS": int(threads or physical_cores()),
                   "PERFORMANCE_HINT": "LATENCY"}  # one request at a time on all the threads, as the service runs it
         try:
-            self.compiled = ov.Core().compile_model(str(self.path), "CPU", config)
+            self.compiled = _core().compile_model(str(self.path), "CPU", config)
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
             raise CarclfError(f"OpenVINO cannot load '{self.path}': {str(exc).splitlines()[0][:300]}. Export it "
                               "again with carclf export.") from exc
