@@ -44,11 +44,11 @@ def timed(fn, batch: int, min_seconds: float = 4.0, min_iters: int = 3, warmup: 
     return n * batch / (time.perf_counter() - start)
 
 
-def matmul_flops(threads: int, n: int = 4096, reps: int = 6) -> float:
-    """Measured FLOP/s of an n x n fp32 matmul (2 n^3 FLOPs) with ``threads`` torch threads: the practical
-    ceiling of dense fp32 arithmetic on these cores."""
+def matmul_flops(threads: int, n: int = 4096, reps: int = 6, dtype: torch.dtype = torch.float32) -> float:
+    """Measured FLOP/s of an n x n matmul (2 n^3 FLOPs) in ``dtype`` with ``threads`` torch threads: the practical
+    ceiling of dense arithmetic of that type on these cores."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     torch.mm(a, b)
     best = 0.0
     for _ in range(reps):

@@ -40,18 +40,6 @@ from carclf.runtime import cpu_info, physical_cores  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def bf16_matmul_flops(threads: int, n: int = 4096, reps: int = 5) -> float:
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
-    torch.mm(a, b)
-    best = 0.0
-    for _ in range(reps):
-        t = time.perf_counter()
-        torch.mm(a, b)
-        best = max(best, 2 * n**3 / (time.perf_counter() - t))
-    return best
-
-
 def interleaved(engines: dict, xs: dict[int, np.ndarray], rounds: int = 5, seconds: float = 1.0) -> dict:
     for e in engines.values():
         for x in xs.values():
@@ -119,7 +107,7 @@ def main() -> None:
     dcfg = data_config_for(cfg)
     h, w = int(dcfg["input_size"][1]), int(dcfg["input_size"][2])
     flops = model_flops(model.to(memory_format=torch.contiguous_format), h, w) * len(views)
-    peak, bpeak = matmul_flops(threads), bf16_matmul_flops(threads)
+    peak, bpeak = matmul_flops(threads), matmul_flops(threads, reps=5, dtype=torch.bfloat16)
     print(f"{cpu['model']} ({', '.join(cpu['flags'])}), {threads} cores; fp32 matmul {peak / 1e9:.1f} GFLOP/s, bf16 "
           f"matmul {bpeak / 1e9:.1f} GFLOP/s; {h}x{w}, views {args.views}: {flops / 1e9:.3f} GFLOPs per photo",
           flush=True)
